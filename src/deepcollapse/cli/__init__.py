@@ -1,0 +1,35 @@
+"""The ``deepcollapse`` command: thin wrappers over the Python API.
+
+Each sub-command lives in its own module with a ``register(app)`` function. Errors that users cause
+(:class:`~deepcollapse.validate.DeepCollapseError`) are printed as one line with exit code 1, never as a
+traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from ..validate import DeepCollapseError
+from . import dufm, measure, sweep, train
+
+app = typer.Typer(
+    name="deepcollapse",
+    help="Deep neural collapse: DUFM solver, theory, DNC metrics, real networks, sweeps.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+for _module in (dufm, measure, train, sweep):
+    _module.register(app)
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except DeepCollapseError as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        sys.exit(1)

@@ -1,0 +1,9 @@
+"""`deepcollapse measure` (placeholder until its issue lands)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to ``app`` (nothing yet)."""

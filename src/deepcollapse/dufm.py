@@ -1,0 +1,256 @@
+r"""The L-layer deep unconstrained features model (L-DUFM), PAPER.md section 2.
+
+K classes with ``n_c`` samples each (``N = Σ n_c``), one-hot labels ``Y`` (K x N, samples grouped by class).
+Free features ``H_1`` (d_1 x N) and weights ``W_l`` (d_{l+1} x d_l), ``l = 1..L``, ``d_{L+1} = K``;
+no biases; ``σ = ReLU``:
+
+.. math::
+
+    \tilde H_{l+1} = W_l H_l,\quad H_{l+1} = σ(\tilde H_{l+1})\ (l = 1..L-1),\qquad
+    \text{output} = W_L H_L,
+
+    \mathcal L = \frac1{2N}\|W_L H_L - Y\|_F^2 + \sum_{l=1}^L \frac{λ_{W_l}}2 \|W_l\|_F^2
+        + \frac{λ_{H_1}}2 \|H_1\|_F^2 .
+
+The math lives in pure functions (:func:`forward`, :func:`objective`); :class:`DUFM` only owns the
+parameters. Matrices follow the paper: features are columns (``d x N``). The metrics module takes rows
+(``N x d``), so :func:`layer_metrics` transposes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import metrics as M
+from .validate import (
+    DeepCollapseError,
+    check_nonneg,
+    check_positive_int,
+    check_real,
+    per_layer,
+)
+
+__all__ = [
+    "DUFM",
+    "DUFMConfig",
+    "forward",
+    "label_matrix",
+    "labels_from_counts",
+    "layer_metrics",
+    "objective",
+]
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass
+class DUFMConfig:
+    """Shape and regularization of an L-DUFM. Lists are per layer; one number is broadcast."""
+
+    num_classes: int = 2  # K
+    n_per_class: int | list[int] = 10  # n, or one count per class (unequal classes)
+    num_layers: int = 3  # L: weight matrices (L = 1 is the plain UFM)
+    width: int | list[int] = 16  # d_1..d_L (d_{L+1} = K)
+    lambda_h: float = 2e-3  # λ_H1, penalty on the free features
+    lambda_w: float | list[float] = 2e-3  # λ_W1..λ_WL, weight decay per layer
+    init_std: float = 1.0  # H1 ~ N(0, init_std²), W_l ~ N(0, init_std²/d_l)
+    dtype: str = "float64"  # float64 (default) or float32
+    device: str = "cpu"
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes saved with the config
+
+    def __post_init__(self) -> None:
+        self.num_classes = check_positive_int("num_classes", self.num_classes, minimum=2)
+        self.num_layers = check_positive_int("num_layers", self.num_layers)
+        if isinstance(self.n_per_class, Sequence) and not isinstance(self.n_per_class, str):
+            counts = [check_positive_int(f"n_per_class[{i}]", c) for i, c in enumerate(self.n_per_class)]
+            if len(counts) != self.num_classes:
+                raise DeepCollapseError(
+                    f"n_per_class has {len(counts)} counts but num_classes is {self.num_classes}"
+                )
+            self.n_per_class = counts[0] if len(set(counts)) == 1 else counts
+        else:
+            self.n_per_class = check_positive_int("n_per_class", self.n_per_class)
+        widths = per_layer("width", self.width, self.num_layers, check_positive_int)
+        self.width = widths[0] if len(set(widths)) == 1 else widths
+        self.lambda_h = check_nonneg("lambda_h", self.lambda_h)
+        lw = per_layer("lambda_w", self.lambda_w, self.num_layers, check_nonneg)
+        self.lambda_w = lw[0] if len(set(lw)) == 1 else lw
+        self.init_std = check_real("init_std", self.init_std, low=0.0, low_inclusive=False)
+        if self.dtype not in DTYPES:
+            raise DeepCollapseError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        self.seed = int(self.seed)
+
+    @property
+    def counts(self) -> list[int]:
+        if isinstance(self.n_per_class, list):
+            return list(self.n_per_class)
+        return [self.n_per_class] * self.num_classes
+
+    @property
+    def balanced(self) -> bool:
+        return len(set(self.counts)) == 1
+
+    @property
+    def n(self) -> int:
+        """Samples per class (balanced classes only)."""
+        if not self.balanced:
+            raise DeepCollapseError("n is defined for balanced classes only; use counts")
+        return self.counts[0]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def widths(self) -> list[int]:
+        """d_1..d_L."""
+        return per_layer("width", self.width, self.num_layers, check_positive_int)
+
+    @property
+    def lambdas_w(self) -> list[float]:
+        return per_layer("lambda_w", self.lambda_w, self.num_layers, check_nonneg)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def labels_from_counts(counts: Sequence[int], *, device: torch.device | str = "cpu") -> Tensor:
+    """Integer labels ``y`` (N,), samples grouped by class: ``[0]*n_0 + [1]*n_1 + ...``."""
+    return torch.repeat_interleave(
+        torch.arange(len(counts), device=device), torch.as_tensor(list(counts), device=device)
+    )
+
+
+def label_matrix(
+    counts: Sequence[int], *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
+) -> Tensor:
+    """One-hot ``Y`` (K x N); for balanced classes ``Y = I_K ⊗ 1_n^T``."""
+    y = labels_from_counts(counts, device=device)
+    return nn.functional.one_hot(y, len(counts)).T.to(dtype)
+
+
+def forward(h1: Tensor, weights: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """Run the DUFM.
+
+    Returns ``(pre, post, output)``: ``pre[l]`` is ``H̃_{l+2} = W_{l+1} H_{l+1}`` and ``post[l]`` its ReLU
+    (``l = 0..L-2``, i.e. layers 2..L), and ``output = W_L H_L``. ``pre``/``post`` are empty for L = 1.
+    """
+    pre: list[Tensor] = []
+    post: list[Tensor] = []
+    h = h1
+    for w in weights[:-1]:
+        z = w @ h
+        h = torch.relu(z)
+        pre.append(z)
+        post.append(h)
+    return pre, post, weights[-1] @ h
+
+
+def objective(
+    h1: Tensor,
+    weights: Sequence[Tensor],
+    y: Tensor,
+    lambda_h: float,
+    lambdas_w: Sequence[float],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The DUFM loss and its parts: ``(total, fit, reg)``.
+
+    ``fit = ||W_L H_L - Y||²/(2N)``, ``reg = Σ λ_{W_l}/2 ||W_l||² + λ_{H1}/2 ||H_1||²``.
+    """
+    _, _, out = forward(h1, weights)
+    fit = (out - y).pow(2).sum() / (2 * y.shape[1])
+    reg = 0.5 * lambda_h * h1.pow(2).sum()
+    for lam, w in zip(lambdas_w, weights, strict=True):
+        reg = reg + 0.5 * lam * w.pow(2).sum()
+    return fit + reg, fit, reg
+
+
+class DUFM(nn.Module):
+    """Parameters of an L-DUFM: ``h1`` (d_1 x N) and ``weights[l]`` (d_{l+2} x d_{l+1}).
+
+    Example
+    -------
+    >>> model = DUFM(DUFMConfig(num_classes=2, n_per_class=3, num_layers=2, width=4))
+    >>> total, fit, reg = model.loss()
+    >>> tuple(model.h1.shape), [tuple(w.shape) for w in model.weights]
+    ((4, 6), [(4, 4), (2, 4)])
+    """
+
+    def __init__(self, config: DUFMConfig, *, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.config = config
+        dtype, device = config.torch_dtype, torch.device(config.device)
+        if generator is None:
+            generator = torch.Generator().manual_seed(config.seed)
+        dims = [*config.widths, config.num_classes]
+        std = config.init_std
+        # Draw on the CPU so that a seed gives the same start on every device.
+        h1 = torch.randn(dims[0], config.num_samples, generator=generator, dtype=torch.float64) * std
+        self.h1 = nn.Parameter(h1.to(device=device, dtype=dtype))
+        ws = []
+        for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
+            w = torch.randn(d_out, d_in, generator=generator, dtype=torch.float64) * (std / d_in**0.5)
+            ws.append(nn.Parameter(w.to(device=device, dtype=dtype)))
+        self.weights = nn.ParameterList(ws)
+        self.register_buffer("y", label_matrix(config.counts, dtype=dtype, device=device))
+        self.register_buffer("labels", labels_from_counts(config.counts, device=device))
+
+    @classmethod
+    def from_parameters(cls, config: DUFMConfig, h1: Tensor, weights: Sequence[Tensor]) -> DUFM:
+        """A DUFM holding the given parameters (copied), e.g. the theory's optimum."""
+        model = cls(config)
+        dims = [*config.widths, config.num_classes]
+        expected = [(dims[0], config.num_samples)] + [
+            (o, i) for i, o in zip(dims[:-1], dims[1:], strict=True)
+        ]
+        got = [tuple(h1.shape)] + [tuple(w.shape) for w in weights]
+        if got != expected:
+            raise DeepCollapseError(f"parameter shapes {got} do not match the config's {expected}")
+        with torch.no_grad():
+            model.h1.copy_(h1)
+            for p, w in zip(model.weights, weights, strict=True):
+                p.copy_(w)
+        return model
+
+    def loss(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(total, fit, reg)`` at the current parameters."""
+        return objective(self.h1, list(self.weights), self.y, self.config.lambda_h, self.config.lambdas_w)
+
+    def forward(self) -> tuple[list[Tensor], list[Tensor], Tensor]:  # type: ignore[override]
+        return forward(self.h1, list(self.weights))
+
+
+def layer_metrics(
+    h1: Tensor, weights: Sequence[Tensor], labels: Tensor, num_classes: int
+) -> list[dict[str, Any]]:
+    """DNC metrics at every layer of a DUFM, in float64.
+
+    One entry per (layer, stage): layer 1 stage ``"free"`` (H1, with ``W_1``); for l = 2..L stage ``"pre"``
+    (``H̃_l``) and ``"post"`` (``H_l``, with ``W_l``). Each entry holds ``layer``, ``stage`` and the keys of
+    :func:`deepcollapse.metrics.dnc_metrics`; ``nc3`` is W_l's alignment with the means of its input H_l.
+    """
+    with torch.no_grad():
+        pre, post, _ = forward(h1, weights)
+        rows: list[dict[str, Any]] = []
+        rows.append({"layer": 1, "stage": "free", **M.dnc_metrics(h1.T, labels, num_classes, weight=weights[0])})
+        for i, (z, h) in enumerate(zip(pre, post, strict=True)):
+            layer = i + 2
+            rows.append({"layer": layer, "stage": "pre", **M.dnc_metrics(z.T, labels, num_classes)})
+            rows.append(
+                {
+                    "layer": layer,
+                    "stage": "post",
+                    **M.dnc_metrics(h.T, labels, num_classes, weight=weights[layer - 1]),
+                }
+            )
+    return rows

@@ -1,0 +1,201 @@
+"""Figures drawn from result files (lists of row dicts as read from ``history.csv``/``metrics.json``).
+
+Every function takes plain rows, writes one PNG and returns its path; nothing here trains or measures.
+Matplotlib runs on the non-interactive Agg backend.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_loss", "plot_metric_by_layer", "plot_metric_curves", "plot_metrics_vs_depth"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finite_pos(xs: Sequence[Any], ys: Sequence[Any], logy: bool) -> tuple[list[float], list[float]]:
+    px, py = [], []
+    for x, y in zip(xs, ys, strict=True):
+        if x is None or y is None or not isinstance(y, int | float) or not math.isfinite(y):
+            continue
+        if logy and y <= 0:
+            continue
+        px.append(float(x))
+        py.append(float(y))
+    return px, py
+
+
+def plot_loss(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    x: str = "step",
+    optimum: float | None = None,
+    optimum_label: str = "L_DNC (theory)",
+    title: str = "DUFM loss",
+    extra_lines: Mapping[str, float] | None = None,
+) -> Path:
+    """Loss (total, fit, reg) against ``x`` on log-log axes, with the theoretical optimum as a line.
+
+    A second panel shows the relative gap ``(loss - optimum)/optimum`` when ``optimum`` is given.
+    """
+    plt = _plt()
+    panels = 2 if optimum else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    ax = axes[0, 0]
+    xs = [r.get(x) for r in rows]
+    logx = all(v is not None and v > 0 for v in xs)
+    for key, style in (("loss", "-"), ("fit", "--"), ("reg", ":")):
+        if any(key in r for r in rows):
+            px, py = _finite_pos(xs, [r.get(key) for r in rows], True)
+            ax.plot(px, py, style, label=key)
+    if optimum:
+        ax.axhline(optimum, color="k", lw=1, label=f"{optimum_label} = {optimum:.6g}")
+    for label, value in (extra_lines or {}).items():
+        ax.axhline(value, color="tab:red", lw=1, ls="-.", label=f"{label} = {value:.6g}")
+    ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(x)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    if optimum:
+        ax2 = axes[0, 1]
+        gaps = [None if r.get("loss") is None else abs(r["loss"] - optimum) / optimum for r in rows]
+        px, py = _finite_pos(xs, gaps, True)
+        ax2.plot(px, py, "-", color="tab:purple")
+        ax2.set_yscale("log")
+        if logx:
+            ax2.set_xscale("log")
+        ax2.set_xlabel(x)
+        ax2.set_title("|loss - optimum| / optimum")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_metric_curves(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    metrics: Sequence[str] = ("nc1", "nc2", "nc3"),
+    layer_keys: Sequence[str] | None = None,
+    x: str = "step",
+    logx: bool = True,
+    title: str = "",
+) -> Path:
+    """One panel per metric, one line per layer, against ``x``; log y (and log x when possible).
+
+    Columns are named ``<metric>_<layer>`` (e.g. ``nc1_l2``); ``layer_keys`` restricts and orders the
+    layer suffixes, otherwise all suffixes found for the metric are drawn.
+    """
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 3.9), squeeze=False)
+    xs = [r.get(x) for r in rows]
+    use_logx = logx and all(v is not None and v > 0 for v in xs)
+    cols = list(rows[0].keys()) if rows else []
+    for r in rows[1:]:
+        cols += [k for k in r if k not in cols]
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        prefix = f"{metric}_"
+        suffixes = [c[len(prefix) :] for c in cols if c.startswith(prefix)]
+        if layer_keys is not None:
+            suffixes = [s for s in layer_keys if s in suffixes]
+        for sfx in suffixes:
+            px, py = _finite_pos(xs, [r.get(prefix + sfx) for r in rows], True)
+            if px:
+                ax.plot(px, py, "-", label=sfx)
+        ax.set_yscale("log")
+        if use_logx:
+            ax.set_xscale("log")
+        ax.set_xlabel(x)
+        ax.set_title(metric.upper())
+        if suffixes:
+            ax.legend(fontsize=7, ncol=2)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_metrics_vs_depth(
+    layers: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    metrics: Sequence[str] = ("nc1", "nc2_etf", "nc2_orth", "nc3", "cdnv"),
+    label: str = "name",
+    title: str = "DNC metrics by layer",
+) -> Path:
+    """Each metric against layer depth (log y): one entry per layer, in order, named by ``label``."""
+    plt = _plt()
+    present = [m for m in metrics if any(isinstance(e.get(m), int | float) for e in layers)]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(layers) + 3), 4))
+    pos = list(range(len(layers)))
+    for m in present:
+        px, py = _finite_pos(pos, [e.get(m) for e in layers], True)
+        ax.plot(px, py, "o-", label=m)
+    ax.set_yscale("log")
+    ax.set_xticks(pos)
+    ax.set_xticklabels([str(e.get(label, i)) for i, e in enumerate(layers)], rotation=45, ha="right")
+    ax.set_xlabel("layer")
+    ax.set_title(title)
+    if present:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_metric_by_layer(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    metric: str,
+    x: str,
+    group: str,
+    logx: bool = False,
+    logy: bool = True,
+    title: str = "",
+    ylabel: str | None = None,
+) -> Path:
+    """Generic: ``metric`` against ``x``, one line per distinct value of ``group`` (e.g. layer or width)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    groups: dict[Any, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r.get(group), []).append(r)
+    for g, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r.get(x) if r.get(x) is not None else 0)
+        px, py = _finite_pos([r.get(x) for r in rs], [r.get(metric) for r in rs], logy)
+        ax.plot(px, py, "o-", label=f"{group}={g}")
+    if logy:
+        ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(ylabel or metric)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,417 @@
+r"""Closed forms for the DNC solution of the L-DUFM (PAPER.md sections 3-4).
+
+For K classes, n samples per class and L >= 1 layers, the deep-neural-collapse configuration (orthogonal
+frames, balanced scales) has loss
+
+.. math::
+
+    \mathcal L_{DNC} = \min_{s\in[0,1]} \tfrac12 (1-s)^2 + \tfrac K2 (L+1)\, C\, s^{2/(L+1)},
+    \qquad C = \Bigl(n\, λ_{H_1} \prod_{l=1}^L λ_{W_l}\Bigr)^{1/(L+1)},
+
+where ``s`` is the output scale (output = ``s Y``). Stationarity reads ``(1-s) s^{(L-1)/(L+1)} = K C``.
+For L = 1, ``s = max(0, 1 - K C)``. For L >= 2 the penalty is concave in ``s``, so ``s = 0`` is always a
+local minimum; it becomes the global one when ``K C`` passes
+
+.. math::
+
+    (K C)^* = \frac1L \Bigl(\frac{L-1}{L}\Bigr)^{(L-1)/(L+1)}, \qquad s^* = \frac{L-1}L ,
+
+(solve ``f(s) = f(0)`` and ``f'(s) = 0`` together: since ``(L-1)/(L+1) + 2/(L+1) = 1`` the two give
+``(L-1)s = L s²``). For K = 2 this is the global optimum of the DUFM (the paper's theorem); for K > 2 it is
+the best DNC configuration, which lower-rank solutions can beat (the follow-up, see ``lowrank``).
+
+At the optimum the L+1 factors are balanced (AM-GM):
+``n λ_{H1} t² = λ_{W_1}(q_2/t)² = … = λ_{W_L}(s/q_L)² = C s^{2/(L+1)}``, with ``t`` the norm of an
+H1 class mean and ``q_l`` that of a (post-ReLU) layer-l class mean; :func:`optimal_parameters` builds the
+parameters from these scales.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from . import metrics as M
+from .dufm import DUFMConfig, forward, labels_from_counts, objective
+from .validate import DeepCollapseError, check_nonneg, check_positive_int, per_layer
+
+__all__ = [
+    "DNCSolution",
+    "ZeroThreshold",
+    "balanced_scales",
+    "check",
+    "dnc_constant",
+    "dnc_loss",
+    "dnc_objective",
+    "dnc_scale",
+    "dnc_solution",
+    "optimal_parameters",
+    "zero_threshold",
+]
+
+
+def _lambdas(num_layers: int, lambda_h: float, lambda_w: float | Sequence[float]) -> list[float]:
+    check_nonneg("lambda_h", lambda_h)
+    return per_layer("lambda_w", lambda_w, num_layers, check_nonneg)
+
+
+def dnc_constant(
+    num_layers: int, n: int, lambda_h: float, lambda_w: float | Sequence[float]
+) -> float:
+    """``C = (n λ_H1 Π_l λ_Wl)^{1/(L+1)}`` (computed in logs, so tiny λ's do not underflow)."""
+    L = check_positive_int("num_layers", num_layers)
+    n = check_positive_int("n", n)
+    lw = _lambdas(L, lambda_h, lambda_w)
+    if lambda_h == 0 or any(v == 0 for v in lw):
+        return 0.0
+    logs = math.log(n) + math.log(lambda_h) + sum(math.log(v) for v in lw)
+    return math.exp(logs / (L + 1))
+
+
+def dnc_objective(s: float, *, num_classes: int, num_layers: int, c: float) -> float:
+    """``f(s) = ½(1-s)² + (K/2)(L+1) C s^{2/(L+1)}``: the DNC loss at output scale ``s``."""
+    L = num_layers
+    return 0.5 * (1 - s) ** 2 + 0.5 * num_classes * (L + 1) * c * s ** (2 / (L + 1))
+
+
+def _scale_from_c(num_classes: int, num_layers: int, c: float) -> float:
+    K, L = num_classes, num_layers
+    kc = K * c
+    if L == 1:
+        return max(0.0, 1.0 - kc)
+    if kc == 0:
+        return 1.0
+    # g(s) = (1-s) s^e, e = (L-1)/(L+1), rises on [0, e/(1+e)] and falls on [e/(1+e), 1].
+    e = (L - 1) / (L + 1)
+    peak = e / (1 + e)
+    if (1 - peak) * peak**e < kc:
+        return 0.0  # no interior stationary point: f is increasing, s = 0
+    lo, hi = peak, 1.0  # the local minimum is the root on the falling branch
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if (1 - mid) * mid**e > kc:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-17:
+            break
+    s = 0.5 * (lo + hi)
+    f = dnc_objective(s, num_classes=K, num_layers=L, c=c)
+    return s if f < 0.5 else 0.0  # f(0) = 1/2: the zero solution wins past the threshold
+
+
+def dnc_scale(
+    *,
+    num_classes: int,
+    num_layers: int,
+    n: int,
+    lambda_h: float,
+    lambda_w: float | Sequence[float],
+) -> float:
+    """The optimal output scale ``s`` of the DNC configuration (0 for the zero solution)."""
+    K = check_positive_int("num_classes", num_classes, minimum=2)
+    c = dnc_constant(num_layers, n, lambda_h, lambda_w)
+    return _scale_from_c(K, num_layers, c)
+
+
+def dnc_loss(
+    *,
+    num_classes: int,
+    num_layers: int,
+    n: int,
+    lambda_h: float,
+    lambda_w: float | Sequence[float],
+) -> float:
+    """``L_DNC``: the loss of the best DNC configuration (the global optimum for K = 2)."""
+    K = check_positive_int("num_classes", num_classes, minimum=2)
+    c = dnc_constant(num_layers, n, lambda_h, lambda_w)
+    s = _scale_from_c(K, num_layers, c)
+    return dnc_objective(s, num_classes=K, num_layers=num_layers, c=c)
+
+
+@dataclass(frozen=True)
+class ZeroThreshold:
+    """Where the zero solution becomes the global optimum of the DNC family.
+
+    ``kc``: critical ``K C``; ``c``: critical ``C``; ``s``: the output scale of the non-zero optimum at the
+    threshold (``(L-1)/L``; for L = 1 it shrinks continuously to 0); ``lambda_equal``: the critical common
+    λ when ``λ_H1 = λ_W1 = … = λ_WL``; ``scale``: the factor by which all the given λ's can be multiplied
+    before the threshold is reached (``inf`` if some λ is 0); ``zero_is_optimal``: whether the given λ's
+    are past it.
+    """
+
+    kc: float
+    c: float
+    s: float
+    lambda_equal: float
+    scale: float
+    zero_is_optimal: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def zero_threshold(
+    *,
+    num_classes: int,
+    num_layers: int,
+    n: int,
+    lambda_h: float = 0.0,
+    lambda_w: float | Sequence[float] = 0.0,
+) -> ZeroThreshold:
+    """The critical regularization above which all-zero parameters are globally optimal.
+
+    ``(K C)^* = (1/L) ((L-1)/L)^{(L-1)/(L+1)}`` (1 for L = 1). ``C`` is homogeneous of degree one in the
+    λ's, so multiplying every λ by ``scale = C^*/C`` reaches the threshold.
+    """
+    K = check_positive_int("num_classes", num_classes, minimum=2)
+    L = check_positive_int("num_layers", num_layers)
+    n = check_positive_int("n", n)
+    kc = 1.0 if L == 1 else (1 / L) * ((L - 1) / L) ** ((L - 1) / (L + 1))
+    c_star = kc / K
+    c = dnc_constant(L, n, lambda_h, lambda_w)
+    scale = math.inf if c == 0 else c_star / c
+    return ZeroThreshold(
+        kc=kc,
+        c=c_star,
+        s=(L - 1) / L,
+        lambda_equal=c_star / n ** (1 / (L + 1)),
+        scale=scale,
+        zero_is_optimal=c >= c_star,
+    )
+
+
+def balanced_scales(
+    *,
+    num_classes: int,
+    num_layers: int,
+    n: int,
+    lambda_h: float,
+    lambda_w: float | Sequence[float],
+) -> tuple[float, float, list[float]]:
+    """``(s, t, [q_2, …, q_L])``: output scale, H1 class-mean norm, post-ReLU class-mean norms."""
+    L = num_layers
+    lw = _lambdas(L, lambda_h, lambda_w)
+    c = dnc_constant(L, n, lambda_h, lw)
+    s = _scale_from_c(check_positive_int("num_classes", num_classes, minimum=2), L, c)
+    if s == 0.0:
+        return 0.0, 0.0, [0.0] * (L - 1)
+    if c == 0.0:
+        raise DeepCollapseError(
+            "the optimal scales are not unique when some λ is 0; give every λ a positive value"
+        )
+    a = c * s ** (2 / (L + 1))  # the common value of the L+1 balanced terms
+    t = math.sqrt(a / (n * lambda_h))
+    q = [t * math.sqrt(a / lw[0])]
+    for lam in lw[1:-1]:
+        q.append(q[-1] * math.sqrt(a / lam))
+    return s, t, q[: L - 1]
+
+
+@dataclass(frozen=True)
+class DNCSolution:
+    """The theory's prediction for one DUFM configuration (balanced classes)."""
+
+    num_classes: int
+    num_layers: int
+    n: int
+    dnc_loss: float
+    s: float
+    c: float
+    t: float  # norm of an H1 class mean
+    q: list[float]  # norms of the post-ReLU class means, layers 2..L
+    weight_norms: list[float]  # ||W_l||_F, l = 1..L
+    zero_threshold: ZeroThreshold
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["zero_threshold"] = self.zero_threshold.to_dict()
+        return d
+
+
+def dnc_solution(
+    *,
+    num_classes: int,
+    num_layers: int,
+    n: int,
+    lambda_h: float,
+    lambda_w: float | Sequence[float],
+) -> DNCSolution:
+    """All closed-form quantities of the DNC optimum: loss, s, C, per-layer norms, threshold."""
+    K, L = num_classes, num_layers
+    lw = _lambdas(L, lambda_h, lambda_w)
+    c = dnc_constant(L, n, lambda_h, lw)
+    s = _scale_from_c(check_positive_int("num_classes", K, minimum=2), L, c)
+    if c == 0.0:
+        t, q, wn = math.nan, [math.nan] * (L - 1), [math.nan] * L
+    else:
+        s, t, q = balanced_scales(num_classes=K, num_layers=L, n=n, lambda_h=lambda_h, lambda_w=lw)
+        norms = [t, *q, s]  # input scale of W_l is norms[l-1], output scale norms[l]
+        wn = [0.0 if s == 0 else math.sqrt(K) * norms[i + 1] / norms[i] for i in range(L)]
+    return DNCSolution(
+        num_classes=K,
+        num_layers=L,
+        n=n,
+        dnc_loss=dnc_objective(s, num_classes=K, num_layers=L, c=c),
+        s=s,
+        c=c,
+        t=t,
+        q=q,
+        weight_norms=wn,
+        zero_threshold=zero_threshold(num_classes=K, num_layers=L, n=n, lambda_h=lambda_h, lambda_w=lw),
+    )
+
+
+def _orthonormal(rows: int, cols: int, generator: torch.Generator | None) -> Tensor:
+    """A (rows x cols) matrix with orthonormal columns: identity-like, or random when a generator is given."""
+    if generator is None:
+        return torch.eye(rows, cols, dtype=torch.float64)
+    q, r = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))[None, :]
+
+
+def optimal_parameters(
+    config: DUFMConfig,
+    *,
+    h1: Literal["orthogonal", "antipodal"] = "orthogonal",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, list[Tensor]]:
+    """Explicit globally optimal (for K = 2) DNC parameters ``(H1, [W_1, …, W_L])``.
+
+    Construction (orthonormal ``E``'s; ``e_c`` the standard basis, so ReLUs act as the identity):
+    ``H1 = t E_1 ⊗ 1_n^T`` (orthogonal class means of norm ``t``), ``W_1 = (q_2/t) [e_1..e_K] E_1^T``,
+    ``W_l = (q_{l+1}/q_l) P_K`` (``P_K`` keeps the first K coordinates), ``W_L = (s/q_L) [I_K 0]``.
+    ``h1="antipodal"`` (K = 2 only) uses means ``±t u`` with ``W_1 = (q_2/t)(e_1 - e_2) u^T``, a different
+    optimum with the same loss (PAPER.md section 3). A ``generator`` rotates H1 randomly.
+    Needs balanced classes and every width ``d_l >= K`` (``d_1 >= 1`` for antipodal).
+    """
+    K, L = config.num_classes, config.num_layers
+    if not config.balanced:
+        raise DeepCollapseError("the closed-form optimum is for balanced classes (one n_per_class)")
+    widths = config.widths
+    low = [(i + 1, d) for i, d in enumerate(widths) if d < K and not (h1 == "antipodal" and i == 0)]
+    if low:
+        raise DeepCollapseError(
+            f"the DNC optimum needs every width >= K = {K}; layer(s) {[i for i, _ in low]} have "
+            f"width(s) {[d for _, d in low]}"
+        )
+    if h1 == "antipodal" and (K != 2 or L < 2):
+        raise DeepCollapseError("h1='antipodal' is optimal for K = 2 and L >= 2 only")
+    sol = dnc_solution(
+        num_classes=K, num_layers=L, n=config.n, lambda_h=config.lambda_h, lambda_w=config.lambdas_w
+    )
+    s, t, q = sol.s, sol.t, sol.q
+    dims = [*widths, K]
+    if s == 0.0:
+        h = torch.zeros(dims[0], config.num_samples, dtype=torch.float64)
+        ws = [torch.zeros(o, i, dtype=torch.float64) for i, o in zip(dims[:-1], dims[1:], strict=True)]
+    else:
+        norms = [t, *q, s]
+        d1 = dims[0]
+        if h1 == "antipodal":
+            u = _orthonormal(d1, 1, generator)[:, 0]
+            means = torch.stack([u, -u], dim=1) * t  # d1 x 2
+            first = torch.zeros(dims[1], d1, dtype=torch.float64)
+            first[0] += u
+            first[1] -= u
+        else:
+            e1 = _orthonormal(d1, K, generator)
+            means = e1 * t
+            first = torch.eye(dims[1], K, dtype=torch.float64) @ e1.T
+        ws = [first * (norms[1] / norms[0])]
+        for i in range(1, L):
+            p_k = torch.eye(dims[i + 1], K, dtype=torch.float64) @ torch.eye(K, dims[i], dtype=torch.float64)
+            ws.append(p_k * (norms[i + 1] / norms[i]))
+        h = means[:, labels_from_counts(config.counts)]
+    dev, dt = torch.device(config.device), config.torch_dtype
+    return h.to(device=dev, dtype=dt), [w.to(device=dev, dtype=dt) for w in ws]
+
+
+def check(
+    h1: Tensor,
+    weights: Sequence[Tensor],
+    config: DUFMConfig,
+    *,
+    tol: float = 1e-4,
+) -> dict[str, Any]:
+    """Compare a DUFM solution with the theory.
+
+    Returns a JSON-ready dict: ``loss``, ``dnc_loss``, ``gap`` (relative, ``(loss - L_DNC)/L_DNC``),
+    ``s`` (measured: mean diagonal of the output class means) vs ``s_theory``, ``h1_cos`` (pairwise cosines
+    of the H1 class means: for K = 2 any value in [-1, 0] is optimal), and per layer the measured class-mean
+    norm and ``||W_l||_F`` against the predicted ones, NC1, and for l >= 2 the orthogonal-frame error. The
+    verdict ``dnc`` is true when the gap, every NC1, every orthogonal-frame error and every relative norm
+    error are below ``tol``.
+    """
+    if not config.balanced:
+        raise DeepCollapseError("the theory check needs balanced classes")
+    K, L = config.num_classes, config.num_layers
+    labels = labels_from_counts(config.counts, device=h1.device)
+    y = torch.nn.functional.one_hot(labels, K).T.to(torch.float64)
+    h1d = h1.detach().to(torch.float64)
+    wd = [w.detach().to(torch.float64) for w in weights]
+    with torch.no_grad():
+        total, fit, reg = objective(h1d, wd, y, config.lambda_h, config.lambdas_w)
+        _, post, out = forward(h1d, wd)
+    sol = dnc_solution(
+        num_classes=K, num_layers=L, n=config.n, lambda_h=config.lambda_h, lambda_w=config.lambdas_w
+    )
+    loss = float(total)
+    gap = (loss - sol.dnc_loss) / sol.dnc_loss if sol.dnc_loss > 0 else loss
+    out_means = M.class_stats(out.T, labels, K, ncc=False).means  # K x K: row c = mean output of class c
+    h1_stats = M.class_stats(h1d.T, labels, K)
+    mu = h1_stats.means
+    unit = mu / mu.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    cos = unit @ unit.T
+    iu = torch.triu_indices(K, K, 1)
+
+    def rel(measured: float, predicted: float) -> float:
+        if predicted == 0 or math.isnan(predicted):
+            return abs(measured)
+        return abs(measured - predicted) / predicted
+
+    predicted_norms = [sol.t, *sol.q]
+    feats = [h1d, *post]
+    layers = []
+    for l in range(1, L + 1):
+        st = h1_stats if l == 1 else M.class_stats(feats[l - 1].T, labels, K)
+        norm = float(st.means.norm(dim=1).mean())
+        wnorm = float(torch.linalg.matrix_norm(wd[l - 1]))
+        entry: dict[str, Any] = {
+            "layer": l,
+            "mean_norm": norm,
+            "mean_norm_theory": predicted_norms[l - 1],
+            "mean_norm_rel_err": rel(norm, predicted_norms[l - 1]),
+            "weight_norm": wnorm,
+            "weight_norm_theory": sol.weight_norms[l - 1],
+            "weight_norm_rel_err": rel(wnorm, sol.weight_norms[l - 1]),
+            "nc1": M.nc1(st),
+            "orth_frame": None if l == 1 or norm == 0.0 else M.nc2_orth(st),
+        }
+        layers.append(entry)
+    s_meas = float(torch.diagonal(out_means).mean())
+    errs = [gap if sol.dnc_loss > 0 else 0.0]
+    for e in layers:
+        errs += [e["nc1"], e["mean_norm_rel_err"], e["weight_norm_rel_err"]]
+        if e["orth_frame"] is not None:
+            errs.append(e["orth_frame"])
+    finite = all(math.isfinite(v) for v in errs)
+    return {
+        "loss": loss,
+        "fit": float(fit),
+        "reg": float(reg),
+        "dnc_loss": sol.dnc_loss,
+        "gap": gap,
+        "s": s_meas,
+        "s_theory": sol.s,
+        "h1_cos": [float(v) for v in cos[iu[0], iu[1]]],
+        "layers": layers,
+        "zero_threshold": sol.zero_threshold.to_dict(),
+        "tol": tol,
+        "dnc": bool(finite and max(abs(v) for v in errs) < tol),
+    }
