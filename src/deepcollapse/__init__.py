@@ -2,6 +2,7 @@
 
 from . import metrics, theory
 from .dufm import DUFM, DUFMConfig
+from .probe import DNCProbe as DNCProbe
 from .validate import DeepCollapseError, DivergenceError
 
 __version__ = "0.1.0"

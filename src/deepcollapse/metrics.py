@@ -374,8 +374,8 @@ def dnc_metrics(
     normalize: bool = True,
     weighting: Weighting = "samples",
     rank_rtol: float = 1e-3,
-) -> dict[str, float]:
-    """All metrics of one layer as a flat dict of floats.
+) -> dict[str, float | int]:
+    """All metrics of one layer as a flat dict of numbers.
 
     Keys: ``nc1``, ``nc2_etf``, ``nc2_orth``, ``equinorm``, ``nc3`` (projection, when ``weight`` is
     given), ``nc3_duality`` (when ``weight`` has K rows), ``nc4``, ``cdnv``, ``rank`` (numerical rank of
@@ -387,7 +387,7 @@ def dnc_metrics(
         if labels is None or num_classes is None:
             raise DeepCollapseError("dnc_metrics needs labels and num_classes with raw features")
         stats = class_stats(features, labels, num_classes)
-    out: dict[str, float] = {
+    out: dict[str, float | int] = {
         "nc1": nc1(stats, normalize=normalize, weighting=weighting),
         "nc2_etf": nc2_etf(stats, weighting=weighting),
         "nc2_orth": nc2_orth(stats),
@@ -400,9 +400,7 @@ def dnc_metrics(
     if stats.ncc_correct is not None:
         out["nc4"] = nc4(stats)
     out["cdnv"] = cdnv(stats)[0]
-    out["rank"] = float(numerical_rank(mean_spectrum(stats), rtol=rank_rtol))
-    out["rank_centred"] = float(
-        numerical_rank(mean_spectrum(stats, center=True, weighting=weighting), rtol=rank_rtol)
-    )
+    out["rank"] = numerical_rank(mean_spectrum(stats), rtol=rank_rtol)
+    out["rank_centred"] = numerical_rank(mean_spectrum(stats, center=True, weighting=weighting), rtol=rank_rtol)
     out["mean_norm"] = float(stats.means.norm(dim=1).mean())
     return out

@@ -305,6 +305,8 @@ def optimal_parameters(
     sol = dnc_solution(
         num_classes=K, num_layers=L, n=config.n, lambda_h=config.lambda_h, lambda_w=config.lambdas_w
     )
+    if sol.c == 0.0:
+        raise DeepCollapseError("the optimal scales are not unique when some λ is 0; give every λ a positive value")
     s, t, q = sol.s, sol.t, sol.q
     dims = [*widths, K]
     if s == 0.0:
@@ -346,7 +348,7 @@ def check(
     of the H1 class means: for K = 2 any value in [-1, 0] is optimal), and per layer the measured class-mean
     norm and ``||W_l||_F`` against the predicted ones, NC1, and for l >= 2 the orthogonal-frame error. The
     verdict ``dnc`` is true when the gap, every NC1, every orthogonal-frame error and every relative norm
-    error are below ``tol``.
+    error are below ``tol`` (for the zero solution: the gap and the norms themselves).
     """
     if not config.balanced:
         raise DeepCollapseError("the theory check needs balanced classes")
@@ -397,9 +399,11 @@ def check(
     s_meas = float(torch.diagonal(out_means).mean())
     errs = [gap if sol.dnc_loss > 0 else 0.0]
     for e in layers:
-        errs += [e["nc1"], e["mean_norm_rel_err"], e["weight_norm_rel_err"]]
-        if e["orth_frame"] is not None:
-            errs.append(e["orth_frame"])
+        errs += [e["mean_norm_rel_err"], e["weight_norm_rel_err"]]
+        if sol.s > 0:  # the zero solution has no classes to collapse: only its norms are checked
+            errs.append(e["nc1"])
+            if e["orth_frame"] is not None:
+                errs.append(e["orth_frame"])
     finite = all(math.isfinite(v) for v in errs)
     return {
         "loss": loss,

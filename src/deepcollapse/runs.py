@@ -1,0 +1,199 @@
+"""One DUFM run end to end: build, solve, compare with the theory, write the result files.
+
+``run_dufm`` is what ``deepcollapse dufm`` calls; it is also the Python entry point for a full run with
+files. Result files in ``out``: ``config.json`` (both configs, versions), ``history.csv`` (loss parts
+and per-layer metrics at log-spaced steps), ``summary.json``, ``checkpoint.pt`` (the solver state, for
+``resume``), ``loss.png``, ``metrics.png`` and, with the solution analysis, ``spectra.png``.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import plots, theory
+from .dufm import DUFM, DUFMConfig
+from .io import prepare_out_dir, write_csv, write_json
+from .solve import SolverConfig, SolveResult, load_checkpoint, solve
+from .validate import DeepCollapseError, DivergenceError
+
+__all__ = ["RunOutput", "run_dufm", "summarize"]
+
+
+@dataclass
+class RunOutput:
+    out: Path
+    summary: dict[str, Any]
+    result: SolveResult
+
+
+def _theory_block(cfg: DUFMConfig) -> dict[str, Any] | None:
+    if not cfg.balanced:
+        return None
+    sol = theory.dnc_solution(
+        num_classes=cfg.num_classes,
+        num_layers=cfg.num_layers,
+        n=cfg.n,
+        lambda_h=cfg.lambda_h,
+        lambda_w=cfg.lambdas_w,
+    )
+    block = sol.to_dict()
+    block["globally_optimal"] = cfg.num_classes == 2 or cfg.num_layers == 1
+    block["note"] = (
+        "L_DNC is the global optimum (K = 2, or L = 1)"
+        if block["globally_optimal"]
+        else "L_DNC is the best DNC configuration; for K > 2 and L >= 3 lower-rank solutions can beat it"
+    )
+    return block
+
+
+def _layer_entries(layers: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split :func:`dufm.layer_metrics` rows into per-layer (H1, post-ReLU) and pre-activation entries."""
+    main, pre = [], []
+    keep = ("nc1", "nc2_etf", "nc2_orth", "nc3", "nc3_duality", "nc4", "cdnv", "equinorm", "rank", "mean_norm")
+    for e in layers:
+        entry = {"layer": e["layer"], "stage": e["stage"], **{k: e[k] for k in keep if k in e}}
+        if e["stage"] == "pre":
+            pre.append(entry)
+        else:
+            entry["nc2"] = e["nc2_orth"] if e["stage"] == "post" else None
+            main.append(entry)
+    return main, pre
+
+
+def summarize(
+    model: DUFM, result: SolveResult, solver: SolverConfig, *, analysis: bool = True
+) -> dict[str, Any]:
+    """The ``summary.json`` content of a finished run."""
+    cfg = model.config
+    th = _theory_block(cfg)
+    main, pre = _layer_entries(result.layers)
+    summary: dict[str, Any] = {
+        "status": "finished",
+        "final_loss": result.loss,
+        "fit": result.fit,
+        "reg": result.reg,
+        "grad_norm": result.grad_norm,
+        "steps": result.steps,
+        "evaluations": result.evaluations,
+        "seconds": result.seconds,
+        "stop_reason": result.stop_reason,
+        "optimizer": solver.optimizer,
+        "theory": th,
+        "gap": None if th is None or th["dnc_loss"] == 0 else (result.loss - th["dnc_loss"]) / th["dnc_loss"],
+        "layers": main,
+        "pre_activation": pre,
+    }
+    narrow = any(d < cfg.num_classes for d in cfg.widths)
+    if th is not None and not narrow:
+        summary["check"] = theory.check(model.h1, list(model.weights), cfg)
+    if analysis:
+        try:
+            from .analysis import analyze_solution
+        except ImportError:  # pragma: no cover - the analysis module is optional while it is developed
+            pass
+        else:
+            summary["analysis"] = analyze_solution(model.h1, list(model.weights), cfg)
+    return summary
+
+
+def _versions() -> dict[str, str]:
+    from . import __version__
+
+    return {"deepcollapse": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def run_dufm(
+    config: DUFMConfig,
+    solver: SolverConfig,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    allow_narrow: bool = False,
+    progress: bool = False,
+    plots_enabled: bool = True,
+    checkpoint_every: float = 30.0,
+) -> RunOutput:
+    """Train one DUFM and write its result files into ``out`` (see the module docstring).
+
+    Raises
+    ------
+    DeepCollapseError : bad configuration, an occupied ``out`` (without ``overwrite``/``resume``), a
+        checkpoint from another configuration, or a diverged run (after its files are written).
+    """
+    K = config.num_classes
+    narrow = [(i + 1, d) for i, d in enumerate(config.widths) if d < K]
+    if narrow and not allow_narrow:
+        layers = ", ".join(f"d_{i} = {d}" for i, d in narrow)
+        raise DeepCollapseError(
+            f"width below K = {K} ({layers}): DNC needs K orthogonal class means per layer, so the theory's "
+            "optimum is out of reach; pass --allow-narrow to train anyway (L_DNC is then a lower bound for K = 2)"
+        )
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeepCollapseError(f"device {config.device}: CUDA is not available on this machine")
+    ckpt_path = Path(out) / "checkpoint.pt"
+    if resume and not ckpt_path.exists():
+        raise DeepCollapseError(f"--resume: no checkpoint at {ckpt_path}")
+    out = prepare_out_dir(out, overwrite=overwrite, resume=resume)
+    resume_state = load_checkpoint(ckpt_path, config, solver) if resume else None
+    if overwrite and not resume:
+        ckpt_path.unlink(missing_ok=True)
+    write_json(
+        out / "config.json",
+        {"dufm": config.to_dict(), "solver": solver.to_dict(), "versions": _versions(), "created": time.time()},
+    )
+    model = DUFM(config)
+    th = _theory_block(config)
+    dnc = th["dnc_loss"] if th else None
+    try:
+        result = solve(
+            model,
+            solver,
+            dnc_loss=dnc,
+            progress=progress,
+            checkpoint=ckpt_path,
+            checkpoint_every=checkpoint_every,
+            resume_state=resume_state,
+        )
+    except DivergenceError as e:
+        partial: SolveResult = e.result  # type: ignore[attr-defined]
+        write_csv(out / "history.csv", partial.history)
+        write_json(
+            out / "summary.json",
+            {"status": "diverged", "message": str(e), "steps": partial.steps, "theory": th},
+        )
+        raise DeepCollapseError(f"{e} (history so far kept in {out})") from None
+    write_csv(out / "history.csv", result.history)
+    summary = summarize(model, result, solver)
+    write_json(out / "summary.json", summary)
+    if plots_enabled:
+        draw_plots(out, result.history, summary, config.num_layers)
+    return RunOutput(out=out, summary=summary, result=result)
+
+
+def draw_plots(out: Path, history: list[dict[str, Any]], summary: dict[str, Any], num_layers: int) -> None:
+    """``loss.png``, ``metrics.png`` (and ``spectra.png`` when the analysis is present) from result rows."""
+    th = summary.get("theory")
+    # GD starts at step 0; shift by one so that log axes keep the first point.
+    rows = [{**r, "step": r["step"] + 1} for r in history]
+    plots.plot_loss(rows, out / "loss.png", optimum=th["dnc_loss"] if th else None, x="step")
+    plots.plot_metric_curves(
+        rows,
+        out / "metrics.png",
+        metrics=("nc1", "nc2", "nc3"),
+        layer_keys=[f"l{i}" for i in range(1, num_layers + 1)],
+        x="step",
+        title="per-layer DNC metrics (nc2: orthogonal frame, layers >= 2)",
+    )
+    if "analysis" in summary:
+        try:
+            from .analysis import plot_spectra
+        except ImportError:  # pragma: no cover
+            return
+        plot_spectra(summary["analysis"], out / "spectra.png")
