@@ -46,7 +46,20 @@ def test_done_criterion_run(tmp_path):
 
 def test_gd_and_unequal_classes(tmp_path):
     out = tmp_path / "gd"
-    r = invoke("--n-per-class", "3,5", "--layers", "2", "--width", "4", "--optimizer", "gd", "--steps", "200", "--out", str(out))
+    r = invoke(
+        "--n-per-class",
+        "3,5",
+        "--layers",
+        "2",
+        "--width",
+        "4",
+        "--optimizer",
+        "gd",
+        "--steps",
+        "200",
+        "--out",
+        str(out),
+    )
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["theory"] is None and summary["gap"] is None  # no closed form for unequal classes
@@ -55,7 +68,9 @@ def test_gd_and_unequal_classes(tmp_path):
 
 def test_resume_continues_a_run(tmp_path):
     out = tmp_path / "r"
-    assert invoke("--optimizer", "gd", "--steps", "50", "--layers", "2", "--width", "4", "--out", str(out)).exit_code == 0
+    assert (
+        invoke("--optimizer", "gd", "--steps", "50", "--layers", "2", "--width", "4", "--out", str(out)).exit_code == 0
+    )
     r = invoke("--optimizer", "gd", "--steps", "120", "--layers", "2", "--width", "4", "--out", str(out), "--resume")
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "summary.json").read_text())

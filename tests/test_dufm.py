@@ -41,7 +41,12 @@ def test_module_shapes_seed_and_dtype():
     assert [tuple(w.shape) for w in a.weights] == [(6, 5), (7, 6), (3, 7)]
     assert a.h1.dtype == torch.float32
     assert torch.equal(a.h1, b.h1)
-    assert not torch.equal(a.h1, DUFM(DUFMConfig(num_classes=3, n_per_class=[2, 3, 4], num_layers=3, width=[5, 6, 7], seed=5, dtype="float32")).h1)
+    assert not torch.equal(
+        a.h1,
+        DUFM(
+            DUFMConfig(num_classes=3, n_per_class=[2, 3, 4], num_layers=3, width=[5, 6, 7], seed=5, dtype="float32")
+        ).h1,
+    )
 
 
 def test_layer_metrics_cover_every_layer_and_stage():

@@ -54,9 +54,7 @@ def np_nc3_projection(w, h, y, k):
 def np_cdnv(h, y, k):
     means, _, _, _ = np_stats(h, y, k)
     var = [np.mean(np.sum((h[y == c] - means[c]) ** 2, 1)) for c in range(k)]
-    vals = [
-        (var[a] + var[b]) / (2 * np.sum((means[a] - means[b]) ** 2)) for a in range(k) for b in range(a + 1, k)
-    ]
+    vals = [(var[a] + var[b]) / (2 * np.sum((means[a] - means[b]) ** 2)) for a in range(k) for b in range(a + 1, k)]
     return float(np.mean(vals))
 
 

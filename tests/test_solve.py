@@ -82,7 +82,9 @@ def test_other_optimizers_descend(opt):
 
 def test_history_is_log_spaced_with_metrics_and_gap():
     cfg = DUFMConfig(num_classes=2, n_per_class=3, num_layers=3, width=4, lambda_h=0.01, lambda_w=0.01)
-    res = solve(DUFM(cfg), SolverConfig(optimizer="gd", max_steps=1000, tol_grad=0, history_points=20), dnc_loss=dnc(cfg))
+    res = solve(
+        DUFM(cfg), SolverConfig(optimizer="gd", max_steps=1000, tol_grad=0, history_points=20), dnc_loss=dnc(cfg)
+    )
     steps = [r["step"] for r in res.history]
     assert steps[0] == 0 and steps[-1] == 1000 and steps == sorted(set(steps))
     assert 15 <= len(steps) <= 25
@@ -135,14 +137,18 @@ def test_checkpoint_from_another_configuration_is_refused(tmp_path):
 
 
 def test_float32_solver_runs():
-    cfg = DUFMConfig(num_classes=2, n_per_class=5, num_layers=2, width=6, lambda_h=0.005, lambda_w=0.005, dtype="float32")
+    cfg = DUFMConfig(
+        num_classes=2, n_per_class=5, num_layers=2, width=6, lambda_h=0.005, lambda_w=0.005, dtype="float32"
+    )
     model = DUFM(cfg)
     res = solve(model, SolverConfig(max_steps=300, metrics=False))
     assert model.h1.dtype == torch.float32
     assert abs(res.loss - dnc(cfg)) / dnc(cfg) < 1e-4
 
 
-@pytest.mark.parametrize("kw, match", [(dict(optimizer="sgd2"), "optimizer"), (dict(lr=-1.0), "lr"), (dict(max_steps=0), "max_steps")])
+@pytest.mark.parametrize(
+    "kw, match", [(dict(optimizer="sgd2"), "optimizer"), (dict(lr=-1.0), "lr"), (dict(max_steps=0), "max_steps")]
+)
 def test_solver_config_errors(kw, match):
     with pytest.raises(DeepCollapseError, match=match):
         SolverConfig(**kw)

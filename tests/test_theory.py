@@ -81,7 +81,14 @@ def test_zero_threshold_l1_is_continuous():
 CONFIGS = [
     dict(num_classes=2, n_per_class=5, num_layers=1, width=3, lambda_h=0.01, lambda_w=0.02),
     dict(num_classes=2, n_per_class=5, num_layers=3, width=16, lambda_h=0.005, lambda_w=0.005),
-    dict(num_classes=2, n_per_class=3, num_layers=4, width=[2, 5, 3, 7], lambda_h=0.004, lambda_w=[1e-3, 2e-3, 5e-3, 8e-3]),
+    dict(
+        num_classes=2,
+        n_per_class=3,
+        num_layers=4,
+        width=[2, 5, 3, 7],
+        lambda_h=0.004,
+        lambda_w=[1e-3, 2e-3, 5e-3, 8e-3],
+    ),
     dict(num_classes=3, n_per_class=10, num_layers=3, width=16, lambda_h=0.002, lambda_w=0.002),
     dict(num_classes=10, n_per_class=5, num_layers=4, width=30, lambda_h=0.004, lambda_w=0.004),
     dict(num_classes=2, n_per_class=5, num_layers=3, width=4, lambda_h=0.3, lambda_w=0.3),  # zero solution
@@ -97,7 +104,7 @@ def test_dufm_loss_at_optimal_parameters_equals_dnc_loss(kw, h1):
             T.optimal_parameters(cfg, h1=h1)
         return
     h, ws = T.optimal_parameters(cfg, h1=h1, generator=torch.Generator().manual_seed(3))
-    total, fit, reg = objective(h, ws, DUFM(cfg).y, cfg.lambda_h, cfg.lambdas_w)
+    total, _fit, _reg = objective(h, ws, DUFM(cfg).y, cfg.lambda_h, cfg.lambdas_w)
     expected = T.dnc_loss(
         num_classes=cfg.num_classes, num_layers=cfg.num_layers, n=cfg.n, lambda_h=cfg.lambda_h, lambda_w=cfg.lambdas_w
     )
@@ -109,11 +116,11 @@ def test_dufm_loss_at_optimal_parameters_equals_dnc_loss(kw, h1):
 
 def test_optimal_parameters_are_balanced():
     cfg = DUFMConfig(**CONFIGS[2])
-    s, t, q = T.balanced_scales(
-        num_classes=2, num_layers=4, n=3, lambda_h=cfg.lambda_h, lambda_w=cfg.lambdas_w
-    )
+    s, t, q = T.balanced_scales(num_classes=2, num_layers=4, n=3, lambda_h=cfg.lambda_h, lambda_w=cfg.lambdas_w)
     norms = [t, *q, s]
-    terms = [cfg.n * cfg.lambda_h * t**2] + [lam * (norms[i + 1] / norms[i]) ** 2 for i, lam in enumerate(cfg.lambdas_w)]
+    terms = [cfg.n * cfg.lambda_h * t**2] + [
+        lam * (norms[i + 1] / norms[i]) ** 2 for i, lam in enumerate(cfg.lambdas_w)
+    ]
     assert max(terms) == pytest.approx(min(terms), rel=1e-12)
 
 

@@ -70,9 +70,7 @@ class DUFMConfig:
         if isinstance(self.n_per_class, Sequence) and not isinstance(self.n_per_class, str):
             counts = [check_positive_int(f"n_per_class[{i}]", c) for i, c in enumerate(self.n_per_class)]
             if len(counts) != self.num_classes:
-                raise DeepCollapseError(
-                    f"n_per_class has {len(counts)} counts but num_classes is {self.num_classes}"
-                )
+                raise DeepCollapseError(f"n_per_class has {len(counts)} counts but num_classes is {self.num_classes}")
             self.n_per_class = counts[0] if len(set(counts)) == 1 else counts
         else:
             self.n_per_class = check_positive_int("n_per_class", self.n_per_class)
@@ -210,9 +208,7 @@ class DUFM(nn.Module):
         """A DUFM holding the given parameters (copied), e.g. the theory's optimum."""
         model = cls(config)
         dims = [*config.widths, config.num_classes]
-        expected = [(dims[0], config.num_samples)] + [
-            (o, i) for i, o in zip(dims[:-1], dims[1:], strict=True)
-        ]
+        expected = [(dims[0], config.num_samples)] + [(o, i) for i, o in zip(dims[:-1], dims[1:], strict=True)]
         got = [tuple(h1.shape)] + [tuple(w.shape) for w in weights]
         if got != expected:
             raise DeepCollapseError(f"parameter shapes {got} do not match the config's {expected}")
@@ -230,9 +226,7 @@ class DUFM(nn.Module):
         return forward(self.h1, list(self.weights))
 
 
-def layer_metrics(
-    h1: Tensor, weights: Sequence[Tensor], labels: Tensor, num_classes: int
-) -> list[dict[str, Any]]:
+def layer_metrics(h1: Tensor, weights: Sequence[Tensor], labels: Tensor, num_classes: int) -> list[dict[str, Any]]:
     """DNC metrics at every layer of a DUFM, in float64.
 
     One entry per (layer, stage): layer 1 stage ``"free"`` (H1, with ``W_1``); for l = 2..L stage ``"pre"``

@@ -160,9 +160,7 @@ def class_stats(
     ncc_correct = None
     if ncc:
         pred = torch.cdist(h, means).argmin(1)
-        ncc_correct = torch.zeros(num_classes, dtype=torch.int64, device=h.device).index_add_(
-            0, y, (pred == y).long()
-        )
+        ncc_correct = torch.zeros(num_classes, dtype=torch.int64, device=h.device).index_add_(0, y, (pred == y).long())
     return ClassStats(counts, means, within_trace, means_sigma_w, sigma_w, ncc_correct)
 
 
@@ -188,9 +186,7 @@ def _rtol(k: int, d: int, rtol: float | None) -> float:
     return max(k, d) * torch.finfo(F64).eps if rtol is None else float(rtol)
 
 
-def _between_svd(
-    stats: ClassStats, weighting: Weighting, rtol: float | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _between_svd(stats: ClassStats, weighting: Weighting, rtol: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Kept part of the SVD of the centred means, plus the centring matrix ``A`` (``M̄ = A M``)."""
     k = stats.num_classes
     a = torch.eye(k, dtype=F64, device=stats.means.device) - _weights(stats, weighting)[None, :]
@@ -344,9 +340,7 @@ def cdnv(stats: ClassStats) -> tuple[float, Tensor]:
     return float(mat[iu[0], iu[1]].mean()), mat
 
 
-def mean_spectrum(
-    means: Tensor | ClassStats, *, center: bool = False, weighting: Weighting = "samples"
-) -> Tensor:
+def mean_spectrum(means: Tensor | ClassStats, *, center: bool = False, weighting: Weighting = "samples") -> Tensor:
     """Singular values (descending) of the class-mean matrix, centred if ``center``."""
     if isinstance(means, ClassStats):
         m = centred_means(means, weighting=weighting) if center else means.means

@@ -66,9 +66,7 @@ def _layer_entries(layers: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
     return main, pre
 
 
-def summarize(
-    model: DUFM, result: SolveResult, solver: SolverConfig, *, analysis: bool = True
-) -> dict[str, Any]:
+def summarize(model: DUFM, result: SolveResult, solver: SolverConfig, *, analysis: bool = True) -> dict[str, Any]:
     """The ``summary.json`` content of a finished run."""
     cfg = model.config
     th = _theory_block(cfg)

@@ -308,9 +308,7 @@ def _solve(
         bar.close()
     if checkpoint is not None:
         save_checkpoint(checkpoint, model, opt, st, cfg)
-    layers = (
-        layer_metrics(model.h1, list(model.weights), labels, K) if math.isfinite(loss) else []
-    )
+    layers = layer_metrics(model.h1, list(model.weights), labels, K) if math.isfinite(loss) else []
     result = SolveResult(
         model=model,
         history=st.history,

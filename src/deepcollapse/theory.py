@@ -60,9 +60,7 @@ def _lambdas(num_layers: int, lambda_h: float, lambda_w: float | Sequence[float]
     return per_layer("lambda_w", lambda_w, num_layers, check_nonneg)
 
 
-def dnc_constant(
-    num_layers: int, n: int, lambda_h: float, lambda_w: float | Sequence[float]
-) -> float:
+def dnc_constant(num_layers: int, n: int, lambda_h: float, lambda_w: float | Sequence[float]) -> float:
     """``C = (n λ_H1 Π_l λ_Wl)^{1/(L+1)}`` (computed in logs, so tiny λ's do not underflow)."""
     L = check_positive_int("num_layers", num_layers)
     n = check_positive_int("n", n)
@@ -202,9 +200,7 @@ def balanced_scales(
     if s == 0.0:
         return 0.0, 0.0, [0.0] * (L - 1)
     if c == 0.0:
-        raise DeepCollapseError(
-            "the optimal scales are not unique when some λ is 0; give every λ a positive value"
-        )
+        raise DeepCollapseError("the optimal scales are not unique when some λ is 0; give every λ a positive value")
     a = c * s ** (2 / (L + 1))  # the common value of the L+1 balanced terms
     t = math.sqrt(a / (n * lambda_h))
     q = [t * math.sqrt(a / lw[0])]
@@ -302,9 +298,7 @@ def optimal_parameters(
         )
     if h1 == "antipodal" and (K != 2 or L < 2):
         raise DeepCollapseError("h1='antipodal' is optimal for K = 2 and L >= 2 only")
-    sol = dnc_solution(
-        num_classes=K, num_layers=L, n=config.n, lambda_h=config.lambda_h, lambda_w=config.lambdas_w
-    )
+    sol = dnc_solution(num_classes=K, num_layers=L, n=config.n, lambda_h=config.lambda_h, lambda_w=config.lambdas_w)
     if sol.c == 0.0:
         raise DeepCollapseError("the optimal scales are not unique when some λ is 0; give every λ a positive value")
     s, t, q = sol.s, sol.t, sol.q
@@ -360,9 +354,7 @@ def check(
     with torch.no_grad():
         total, fit, reg = objective(h1d, wd, y, config.lambda_h, config.lambdas_w)
         _, post, out = forward(h1d, wd)
-    sol = dnc_solution(
-        num_classes=K, num_layers=L, n=config.n, lambda_h=config.lambda_h, lambda_w=config.lambdas_w
-    )
+    sol = dnc_solution(num_classes=K, num_layers=L, n=config.n, lambda_h=config.lambda_h, lambda_w=config.lambdas_w)
     loss = float(total)
     gap = (loss - sol.dnc_loss) / sol.dnc_loss if sol.dnc_loss > 0 else loss
     out_means = M.class_stats(out.T, labels, K, ncc=False).means  # K x K: row c = mean output of class c

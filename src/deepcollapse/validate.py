@@ -81,9 +81,7 @@ def per_layer(name: str, value: Any, count: int, check: Any) -> list:
     if len(values) == 1:
         return [check(name, values[0])] * count
     if len(values) != count:
-        raise DeepCollapseError(
-            f"{name} needs one value or one per layer ({count}), got {len(values)}: {values}"
-        )
+        raise DeepCollapseError(f"{name} needs one value or one per layer ({count}), got {len(values)}: {values}")
     return [check(f"{name}[{i}]", v) for i, v in enumerate(values)]
 
 
@@ -93,9 +91,7 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
         bad = ~torch.isfinite(tensor)
         if bool(bad.any()):
             idx = tuple(int(i) for i in bad.nonzero()[0])
-            raise DeepCollapseError(
-                f"{name} contains NaN or inf ({int(bad.sum())} entries, first at index {idx})"
-            )
+            raise DeepCollapseError(f"{name} contains NaN or inf ({int(bad.sum())} entries, first at index {idx})")
 
 
 def check_labels(
@@ -110,15 +106,11 @@ def check_labels(
         if not bool((labels == labels.round()).all()):
             raise DeepCollapseError(f"{name} must be integers, got non-integer values")
     if n_samples is not None and labels.numel() != n_samples:
-        raise DeepCollapseError(
-            f"{name} has {labels.numel()} entries but the features have {n_samples} samples"
-        )
+        raise DeepCollapseError(f"{name} has {labels.numel()} entries but the features have {n_samples} samples")
     labels = labels.long()
     if labels.numel():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
             bad = lo if lo < 0 else hi
-            raise DeepCollapseError(
-                f"{name} must lie in 0..{num_classes - 1} (num_classes={num_classes}), found {bad}"
-            )
+            raise DeepCollapseError(f"{name} must lie in 0..{num_classes - 1} (num_classes={num_classes}), found {bad}")
     return labels

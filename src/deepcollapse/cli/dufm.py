@@ -44,9 +44,7 @@ def dufm(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the initialization.")] = 0,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help="float64 or float32.")] = "float64",
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Result directory (default runs/dufm-<time>).")
-    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Result directory (default runs/dufm-<time>).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")] = False,
     allow_narrow: Annotated[
