@@ -66,6 +66,7 @@ class SolverConfig:
     history_points: int = 60  # log-spaced steps at which per-layer metrics are recorded
     metrics: bool = True  # record per-layer metrics in the history
     target_loss: float | None = None  # also stop once the loss is <= target_loss (benchmarks)
+    max_seconds: float | None = None  # also stop after this much solver time
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -288,6 +289,8 @@ def _solve(
                 stop_reason = "tol_rel"
             elif cfg.target_loss is not None and loss <= cfg.target_loss:
                 stop_reason = "target_loss"
+            elif cfg.max_seconds is not None and st.seconds >= cfg.max_seconds:
+                stop_reason = "max_seconds"
             elif st.step >= cfg.max_steps:
                 stop_reason = "max_steps"
             else:
