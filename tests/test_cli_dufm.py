@@ -125,3 +125,16 @@ def test_zero_solution_past_the_threshold(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["theory"]["s"] == 0.0 and summary["theory"]["zero_threshold"]["zero_is_optimal"]
     assert summary["final_loss"] == pytest.approx(0.5, abs=1e-8)
+
+
+def test_theory_command_prints_closed_forms():
+    r = runner.invoke(app, ["theory", "-K", "2", "-n", "5", "-L", "3", "--lambda-h", "0.005", "--lambda-w", "0.005"])
+    assert r.exit_code == 0, r.output
+    assert "L_DNC = 0.0297943235" in r.output
+    r = runner.invoke(
+        app, ["theory", "-K", "2", "-n", "5", "-L", "3", "--lambda-h", "0.5", "--lambda-w", "0.5", "--json"]
+    )
+    data = json.loads(r.output)
+    assert data["s"] == 0.0 and data["zero_threshold"]["zero_is_optimal"]
+    r = runner.invoke(app, ["theory", "-K", "1"])
+    assert r.exit_code == 1 and "num_classes" in r.output

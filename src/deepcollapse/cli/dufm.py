@@ -17,8 +17,50 @@ DEFAULT_STEPS = {"gd": 100_000, "lbfgs": 2_000, "nesterov": 50_000, "adam": 50_0
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``dufm`` to ``app``."""
+    """Add ``dufm`` and ``theory`` to ``app``."""
     app.command("dufm")(dufm)
+    app.command("theory")(theory_cmd)
+
+
+@handle_errors
+def theory_cmd(
+    classes: Annotated[int, typer.Option("--classes", "-K", help="Number of classes K (>= 2).")] = 2,
+    n_per_class: Annotated[int, typer.Option("--n-per-class", "-n", help="Samples per class n.")] = 10,
+    layers: Annotated[int, typer.Option("--layers", "-L", help="Weight matrices L.")] = 3,
+    lambda_h: Annotated[float, typer.Option("--lambda-h", help="λ_H1.")] = 2e-3,
+    lambda_w: Annotated[str, typer.Option("--lambda-w", help="λ_W: one number or one per layer.")] = "2e-3",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """Closed forms for the DNC optimum: L_DNC, s, C, per-layer norms and the zero-solution threshold."""
+    import json
+
+    from .. import theory
+    from ..io import to_jsonable
+
+    sol = theory.dnc_solution(
+        num_classes=classes,
+        num_layers=layers,
+        n=n_per_class,
+        lambda_h=lambda_h,
+        lambda_w=parse_list("--lambda-w", lambda_w, float),
+    )
+    if as_json:
+        typer.echo(json.dumps(to_jsonable(sol.to_dict()), indent=2))
+        return
+    zt = sol.zero_threshold
+    console.print(f"L_DNC = {sol.dnc_loss:.12g}   s = {sol.s:.12g}   C = {sol.c:.6g}", highlight=False)
+    console.print(
+        f"H1 class-mean norm t = {fmt(sol.t)}; post-ReLU class-mean norms q_2..q_L = {[fmt(v) for v in sol.q]}; "
+        f"||W_l||_F = {[fmt(v) for v in sol.weight_norms]}",
+        highlight=False,
+    )
+    where = "past it: the zero solution is optimal" if zt.zero_is_optimal else f"{zt.scale:.4g}x below it"
+    console.print(
+        f"zero-solution threshold: K·C* = {zt.kc:.6g} (common λ* = {zt.lambda_equal:.6g}); these λ's are {where}",
+        highlight=False,
+    )
+    if classes > 2 and layers > 1:
+        console.print("note: for K > 2 this is the best DNC configuration; lower-rank solutions can do better")
 
 
 @handle_errors
