@@ -1,9 +1,273 @@
-"""`deepcollapse measure` (placeholder until its issue lands)."""
+"""`deepcollapse measure`: DNC metrics per layer of saved features, streamed from disk in chunks.
+
+Inputs (each layer an ``(N, ...)`` array, flattened per sample; ``labels`` an ``(N,)`` integer array):
+
+* ``FEATURES.npz`` holding ``features`` and/or ``layer_<name>`` arrays (depth = order in the file) and
+  ``labels``. Members are read chunk by chunk from the archive (compressed or not), never whole.
+* a directory holding ``labels.npy`` and ``features.npy`` and/or ``layer_<name>.npy`` (depth = natural
+  order of the names), or one ``.npy`` file with ``--labels LABELS.npy``. ``.npy`` files are memory-mapped
+  (``np.load(mmap_mode="r")``) and read in chunks of ``--batch-size`` rows.
+
+Writes ``metrics.json`` and ``metrics_vs_depth.png`` (each metric against layer depth, log scale).
+"""
 
 from __future__ import annotations
 
+import re
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
 import typer
+
+from ..accumulate import accumulate_stats
+from ..io import prepare_out_dir, write_json
+from ..metrics import dnc_metrics
+from ..plots import plot_metrics_vs_depth
+from ..validate import DeepCollapseError, check_labels
+from .common import handle_errors, print_table, resolve_device
+
+TABLE_COLUMNS = ("name", "dim", "nc1", "nc2_etf", "nc2_orth", "nc4", "cdnv", "rank")
+PLOT_METRICS = ("nc1", "nc2_etf", "nc2_orth", "cdnv")
+
+
+@dataclass(frozen=True)
+class LayerArray:
+    """One layer on disk: its name, shape and a reader of successive row chunks."""
+
+    name: str
+    shape: tuple[int, ...]
+    chunks: Callable[[int], Iterator[np.ndarray]]
+
+
+def _native(a: np.ndarray) -> np.ndarray:
+    """A writable, native-byte-order copy of a chunk (torch needs both)."""
+    return np.array(a, dtype=a.dtype.newbyteorder("="), copy=True)
+
+
+def _npy_layer(name: str, path: Path) -> LayerArray:
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise DeepCollapseError(f"cannot read {path} as a .npy array: {e}") from None
+
+    def chunks(rows: int) -> Iterator[np.ndarray]:
+        for i in range(0, arr.shape[0], rows):
+            yield _native(arr[i : i + rows])
+
+    return LayerArray(name, tuple(arr.shape), chunks)
+
+
+def _read_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` of the .npy stream ``f``, left positioned at the data."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
+def _npz_layer(name: str, path: Path, key: str) -> LayerArray:
+    """A member of an .npz, streamed from the archive row chunk by row chunk."""
+    member = f"{key}.npy"
+    with zipfile.ZipFile(path) as zf, zf.open(member) as f:
+        shape, fortran, dtype = _read_header(f)
+    if fortran or dtype.hasobject or len(shape) == 0:
+        whole = np.load(path)[key]  # rare layouts: read the member whole
+
+        def whole_chunks(rows: int) -> Iterator[np.ndarray]:
+            for i in range(0, whole.shape[0], rows):
+                yield _native(np.ascontiguousarray(whole[i : i + rows]))
+
+        return LayerArray(name, tuple(whole.shape), whole_chunks)
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+
+    def chunks(rows: int) -> Iterator[np.ndarray]:
+        with zipfile.ZipFile(path) as zf, zf.open(member) as f:
+            _read_header(f)
+            for i in range(0, shape[0], rows):
+                n = min(rows, shape[0] - i)
+                buf = f.read(n * row_bytes)
+                if len(buf) != n * row_bytes:
+                    raise DeepCollapseError(f"{path}: member {member} is truncated")
+                yield _native(np.frombuffer(buf, dtype=dtype).reshape(n, *shape[1:]))
+
+    return LayerArray(name, tuple(shape), chunks)
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _layer_name(key: str) -> str | None:
+    if key == "features":
+        return "features"
+    return key[len("layer_") :] if key.startswith("layer_") and len(key) > len("layer_") else None
+
+
+def load_inputs(path: Path, labels: Path | None) -> tuple[list[LayerArray], np.ndarray]:
+    """The layers (in depth order) and the labels of an .npz, a directory of .npy, or .npy + ``labels``."""
+    if not path.exists():
+        raise DeepCollapseError(f"no such file or directory: {path}")
+    if path.is_dir():
+        files = {p.stem: p for p in path.glob("*.npy")}
+        layers = [
+            _npy_layer(_layer_name(k) or k, p)
+            for k, p in sorted(files.items(), key=lambda kv: _natural(kv[0]))
+            if _layer_name(k)
+        ]
+        label_path = labels or files.get("labels")
+        if label_path is None:
+            raise DeepCollapseError(f"{path} holds no labels.npy (or pass --labels)")
+    elif path.suffix == ".npz":
+        try:
+            with np.load(path) as npz:
+                keys = list(npz.files)
+                label_arr = np.asarray(npz["labels"]) if labels is None and "labels" in keys else None
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise DeepCollapseError(f"cannot read {path} as an .npz archive: {e}") from None
+        layers = [_npz_layer(_layer_name(k) or k, path, k) for k in keys if _layer_name(k)]
+        if labels is None:
+            if label_arr is None:
+                raise DeepCollapseError(f"{path} holds no 'labels' array (arrays: {', '.join(keys)})")
+            return _checked(path, layers), label_arr
+        label_path = labels
+    elif path.suffix == ".npy":
+        if labels is None:
+            raise DeepCollapseError(f"{path} is a single .npy array: pass its labels with --labels LABELS.npy")
+        layers, label_path = [_npy_layer(path.stem, path)], labels
+    else:
+        raise DeepCollapseError(f"{path}: expected an .npz file, a .npy file or a directory of .npy files")
+    return _checked(path, layers), _read_labels(Path(label_path))
+
+
+def _read_labels(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise DeepCollapseError(f"no such labels file: {path}")
+    try:
+        return np.load(path)
+    except (OSError, ValueError) as e:
+        raise DeepCollapseError(f"cannot read labels {path} as a .npy array: {e}") from None
+
+
+def label_tensor(labels: np.ndarray, num_classes: int | None) -> tuple[torch.Tensor, int]:
+    """Labels as int64 (an (N, 1) column is accepted) and ``K`` (default: max label + 1), checked."""
+    a = np.asarray(labels)
+    if a.ndim == 2 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.size == 0:
+        raise DeepCollapseError("labels is empty: there are no samples to measure")
+    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating) or a.dtype == bool):
+        raise DeepCollapseError(f"labels must be integers, got dtype {a.dtype}")
+    t = torch.from_numpy(_native(a))
+    if num_classes is None:
+        num_classes = int(t.max()) + 1 if float(t.min()) >= 0 else 2
+        if num_classes < 2:
+            raise DeepCollapseError("labels hold a single class (0); collapse needs at least two classes")
+    return check_labels(t, num_classes, name="labels"), num_classes
+
+
+def _checked(path: Path, layers: list[LayerArray]) -> list[LayerArray]:
+    if not layers:
+        raise DeepCollapseError(f"{path} holds no feature arrays: name them 'features' or 'layer_<name>'")
+    for layer in layers:
+        if len(layer.shape) < 2:
+            raise DeepCollapseError(f"layer {layer.name!r} must be (N, D) or (N, ...), got shape {layer.shape}")
+    return layers
+
+
+def measure_layer(
+    layer: LayerArray,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    batch_size: int,
+    device: str,
+    **options: Any,
+) -> dict[str, Any]:
+    """Stream one layer from disk through the accumulators and return its metrics."""
+    n = layer.shape[0]
+    if n != labels.numel():
+        raise DeepCollapseError(f"layer {layer.name!r} has {n} rows but labels has {labels.numel()} entries")
+    metric_opts = {k: options.pop(k) for k in ("normalize", "weighting")}
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i, chunk in enumerate(layer.chunks(batch_size)):
+            start = i * batch_size
+            yield torch.from_numpy(chunk).to(device), labels[start : start + chunk.shape[0]].to(device)
+
+    stats = accumulate_stats(batches, num_classes, name=f"layer {layer.name!r}", **options)
+    m = dnc_metrics(stats, **metric_opts)
+    m["dim"] = stats.dim
+    for key in ("rank", "rank_centred"):
+        m[key] = int(m[key])
+    return m
+
+
+@handle_errors
+def measure(
+    features: Annotated[
+        Path,
+        typer.Argument(
+            help="FEATURES.npz with 'features' or 'layer_<name>' arrays and 'labels'; a directory of such .npy"
+            " files; or one .npy file with --labels.",
+            show_default=False,
+        ),
+    ],
+    labels: Annotated[Path | None, typer.Option(help="Labels .npy (N,) for a .npy input.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory. Default: <input>_dnc next to the input.")] = None,
+    num_classes: Annotated[int | None, typer.Option(min=2, help="Number of classes K. Default: max label + 1.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows read and accumulated at a time.")] = 4096,
+    passes: Annotated[int, typer.Option(min=1, max=2, help="2: exact two-pass; 1: Welford/Chan (no NC4).")] = 2,
+    light: Annotated[
+        bool | None,
+        typer.Option(
+            "--light/--full",
+            help="Keep only O(K·D) state (--light) or the D x D Σ_W (--full). Default: auto, full while it fits"
+            " in 64 MiB.",
+            show_default=False,
+        ),
+    ] = None,
+    normalize: Annotated[bool, typer.Option(help="NC1 = tr(Σ_W Σ_B⁺)/K (else without 1/K).")] = True,
+    weighting: Annotated[str, typer.Option(help="Global mean over 'samples' or 'classes'.")] = "samples",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    overwrite: Annotated[bool, typer.Option(help="Replace the results in --out.")] = False,
+) -> None:
+    """Measure NC1-NC4, CDNV and mean rank per layer of saved features; write metrics.json and a plot."""
+    if weighting not in ("samples", "classes"):
+        raise DeepCollapseError(f"--weighting must be 'samples' or 'classes', got {weighting!r}")
+    dev = resolve_device(device)
+    layers, label_arr = load_inputs(features, labels)
+    y, k = label_tensor(label_arr, num_classes)
+    cov = "auto" if light is None else ("light" if light else "full")
+    out_dir = prepare_out_dir(out if out is not None else features.parent / f"{features.stem}_dnc", overwrite=overwrite)
+    rows = []
+    for depth, layer in enumerate(layers):
+        m = measure_layer(
+            layer,
+            y,
+            k,
+            batch_size=batch_size,
+            device=dev,
+            passes=passes,
+            cov=cov,
+            normalize=normalize,
+            weighting=weighting,
+        )
+        rows.append({"name": layer.name, "depth": depth, **m})
+    options = {"passes": passes, "cov": cov, "normalize": normalize, "weighting": weighting, "batch_size": batch_size}
+    write_json(
+        out_dir / "metrics.json",
+        {"input": str(features), "num_classes": k, "samples": int(y.numel()), "options": options, "layers": rows},
+    )
+    plot_metrics_vs_depth(rows, out_dir / "metrics_vs_depth.png", metrics=PLOT_METRICS)
+    print_table(f"DNC metrics of {features.name} (N={y.numel()}, K={k})", rows, TABLE_COLUMNS)
+    typer.echo(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics_vs_depth.png'}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add the command to ``app`` (nothing yet)."""
+    """Add ``deepcollapse measure`` to ``app``."""
+    app.command("measure")(measure)

@@ -1,0 +1,80 @@
+"""Two gloo processes on CPU: the probe and the accumulators under DDP equal one process on all the data."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from deepcollapse import DNCProbe
+from deepcollapse.accumulate import ClassAccumulator
+
+K, N, D, WORLD = 4, 240, 20, 2
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(N) % K
+    x = 2.0 * torch.randn(K, D, generator=g, dtype=torch.float64)[y] + torch.randn(
+        N, D, generator=g, dtype=torch.float64
+    )
+    return x, y
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Linear(16, K)).double()
+
+
+def shard_loader(x: torch.Tensor, y: torch.Tensor, rank: int, world: int) -> list:
+    xs, ys = x[rank::world], y[rank::world]  # what a DistributedSampler does
+    return [(xs[i : i + 16], ys[i : i + 16]) for i in range(0, len(xs), 16)]
+
+
+def worker(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        x, y = data()
+        ddp = nn.parallel.DistributedDataParallel(model())
+        loader = shard_loader(x, y, rank, WORLD)
+        res = DNCProbe(ddp, layers=("linear", "relu"), num_classes=K).measure(loader)
+        one = ClassAccumulator(K, passes=1, cov="full")
+        for h, lab in loader:
+            one.update(h, lab)
+        one.end_pass()
+        stats = one.compute()
+        torch.save({"probe": res, "sigma_w": stats.sigma_w, "means": stats.means}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_two_gloo_processes_equal_one(tmp_path: Path) -> None:
+    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    x, y = data()
+    full = DNCProbe(model(), layers=("linear", "relu"), num_classes=K).measure([(x[:100], y[:100]), (x[100:], y[100:])])
+    acc = ClassAccumulator(K, passes=1, cov="full")
+    acc.update(x, y)
+    acc.end_pass()
+    ref = acc.compute()
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert list(got["probe"]) == ["0", "1", "2"]  # names without DDP's "module." prefix
+        for name, metrics in full.items():
+            assert got["probe"][name].keys() == metrics.keys()
+            for key, value in metrics.items():
+                assert got["probe"][name][key] == pytest.approx(value, rel=1e-9, abs=1e-12), (rank, name, key)
+        torch.testing.assert_close(got["sigma_w"], ref.sigma_w, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got["means"], ref.means, rtol=1e-12, atol=1e-12)
