@@ -247,3 +247,14 @@ def test_nc3_shape_mismatch_is_named():
     h, y = sample(0)
     with pytest.raises(DeepCollapseError, match="weight"):
         M.nc3(torch.randn(3, 5), stats_of(h, y, 4))
+
+
+def test_nc1_is_stable_for_means_far_from_the_origin():
+    """Small spread around means far from 0: the Gram path must not cancel catastrophically (nor go < 0)."""
+    h, y = sample(7, spread=1e-3)
+    h = h * 1e-3 + 1e4  # tiny scatter, tiny class separation, huge offset
+    ref = np_nc1(h - h.mean(0), y, 4)
+    s = stats_of(h, y, 4, full_cov=True)
+    assert M.nc1(s) == pytest.approx(ref, rel=1e-6)
+    assert M.nc1(s, method="full") == pytest.approx(ref, rel=1e-6)
+    assert M.nc1(s) >= 0

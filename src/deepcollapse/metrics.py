@@ -70,9 +70,14 @@ class ClassStats:
     counts : (K,) int64, samples per class ``n_c``.
     means : (K, D) class means ``M``.
     within_trace : (K,) per-class variance ``1/n_c Σ_{i in c} ||h_i - μ_c||²``.
-    means_sigma_w : (K, K) ``M Σ_W M^T`` (uncentred means), enough for NC1 under any weighting.
+    means_sigma_w : (K, K) ``(M - 1r^T) Σ_W (M - 1r^T)^T``: Σ_W seen through the means shifted by the
+        reference point ``r`` (``centre``); enough for NC1 under any weighting, since the centred means
+        ``M̄ = A M = A (M - 1r^T)`` for the centring matrix ``A = I - 1w^T`` (``A1 = 0``).
     sigma_w : (D, D) ``Σ_W`` or ``None`` (the memory-light path does not keep it).
     ncc_correct : (K,) per class, samples whose nearest class mean is their own, or ``None``.
+    centre : (D,) the reference point ``r`` of ``means_sigma_w``; ``None`` means the origin. A point near
+        the global mean (``class_stats`` uses the sample mean) avoids the cancellation that uncentred
+        means suffer when they lie far from the origin relative to their spread.
     """
 
     counts: Tensor
@@ -81,6 +86,7 @@ class ClassStats:
     means_sigma_w: Tensor
     sigma_w: Tensor | None = None
     ncc_correct: Tensor | None = None
+    centre: Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -106,6 +112,7 @@ class ClassStats:
             means_sigma_w=self.means_sigma_w.to(device),
             sigma_w=mv(self.sigma_w),
             ncc_correct=mv(self.ncc_correct),
+            centre=mv(self.centre),
         )
 
 
@@ -154,14 +161,15 @@ def class_stats(
     centred = h - means[y]
     sq = torch.zeros(num_classes, dtype=F64, device=h.device).index_add_(0, y, centred.pow(2).sum(1))
     within_trace = sq / counts.to(F64)
-    proj = centred @ means.T  # (N, K): (h_i - μ_{y_i})^T μ_c
+    centre = (counts.to(F64) @ means) / h.shape[0]  # the sample mean: a well-conditioned reference
+    proj = centred @ (means - centre).T  # (N, K): (h_i - μ_{y_i})^T (μ_c - r)
     means_sigma_w = proj.T @ proj / h.shape[0]
     sigma_w = centred.T @ centred / h.shape[0] if full_cov else None
     ncc_correct = None
     if ncc:
         pred = torch.cdist(h, means).argmin(1)
         ncc_correct = torch.zeros(num_classes, dtype=torch.int64, device=h.device).index_add_(0, y, (pred == y).long())
-    return ClassStats(counts, means, within_trace, means_sigma_w, sigma_w, ncc_correct)
+    return ClassStats(counts, means, within_trace, means_sigma_w, sigma_w, ncc_correct, centre)
 
 
 def _weights(stats: ClassStats, weighting: Weighting) -> Tensor:
@@ -217,13 +225,13 @@ def nc1(
     if s.numel() == 0:
         return 0.0 if float(stats.within_trace.max()) == 0.0 else float("inf")
     if method == "gram":
-        pbar = a @ stats.means_sigma_w @ a.T  # M̄ Σ_W M̄^T
-        quad = torch.einsum("ki,kl,li->i", u, pbar, u)
+        pbar = a @ stats.means_sigma_w @ a.T  # M̄ Σ_W M̄^T (A removes any reference point)
+        quad = torch.einsum("ki,kl,li->i", u, pbar, u).clamp_min(0.0)  # PSD: clip round-off below 0
         tr = k * float((quad / s.pow(4)).sum())
     elif method == "full":
         if stats.sigma_w is None:
             raise DeepCollapseError("nc1(method='full') needs sigma_w; use method='gram' or full_cov=True")
-        quad = torch.einsum("id,de,ie->i", vh, stats.sigma_w, vh)
+        quad = torch.einsum("id,de,ie->i", vh, stats.sigma_w, vh).clamp_min(0.0)
         tr = k * float((quad / s.pow(2)).sum())
     else:
         raise DeepCollapseError(f"method must be 'gram' or 'full', got {method!r}")
