@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--configs", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
+    ap.add_argument("--baseline-threads", type=int, default=None, help="torch threads for the baseline only")
     ap.add_argument("--device", default="cpu", help="device of the batched run (the baseline stays on the CPU)")
     ap.add_argument("--baseline-configs", type=int, default=None, help="time the baseline on this many, scale up")
     args = ap.parse_args()
@@ -70,15 +71,20 @@ def main() -> None:
     res = train_batched(configs, GDOptions(lr=lrs, max_steps=steps, tol_grad=0.0, tol_rel=0.0), device=args.device)
     t_batched = time.perf_counter() - t0
 
+    threads = torch.get_num_threads()
+    if args.baseline_threads:
+        torch.set_num_threads(args.baseline_threads)
     t0 = time.perf_counter()
     seq = sequential(configs[:base_n], lrs[:base_n], steps)
     t_seq = (time.perf_counter() - t0) * count / base_n
+    base_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
 
     err = max(abs(a - r.loss) / abs(a) for a, r in zip(seq, res, strict=False))
     thr_b, thr_s = count * steps / t_batched, count * steps / t_seq
-    print(f"batched ({args.device}): {t_batched:8.2f} s  {thr_b:10.0f} config-steps/s")
+    print(f"batched ({args.device}, {threads} threads): {t_batched:8.2f} s  {thr_b:10.0f} config-steps/s")
     extra = f" (timed on {base_n}, scaled)" if base_n < count else ""
-    print(f"sequential (cpu): {t_seq:8.2f} s  {thr_s:10.0f} config-steps/s{extra}")
+    print(f"sequential (cpu, {base_threads} threads): {t_seq:8.2f} s  {thr_s:10.0f} config-steps/s{extra}")
     print(f"max relative difference of final losses: {err:.2e}")
     print(f"speed-up   : {thr_b / thr_s:.1f}x")
 

@@ -92,3 +92,16 @@ def test_rel_stop_and_errors():
         train_batched([cfg, DUFMConfig(num_classes=2, n_per_class=2, num_layers=2, width=4)])
     with pytest.raises(DeepCollapseError, match="lr"):
         train_batched([cfg], GDOptions(lr=[0.1, 0.2]))
+
+
+@pytest.mark.cuda
+def test_batched_gd_on_cuda_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    cfgs, lrs = _configs(), [0.3, 0.5, 0.2, 0.4]
+    opts = GDOptions(lr=lrs, max_steps=100, tol_grad=0.0, tol_rel=0.0)
+    cpu = train_batched(cfgs, opts)
+    gpu = train_batched(cfgs, opts, device="cuda")
+    for a, b in zip(cpu, gpu, strict=True):
+        assert b.h1.device.type == "cpu"  # results come back on the CPU
+        assert (a.h1 - b.h1).abs().max() < 1e-9 and abs(a.loss - b.loss) < 1e-12

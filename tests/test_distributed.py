@@ -1,8 +1,7 @@
-"""Two gloo processes on CPU: the probe and the accumulators under DDP equal one process on all the data."""
+"""Two gloo processes on CPU (127.0.0.1): the probe and the accumulators under DDP equal one process on all data."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -36,8 +35,10 @@ def shard_loader(x: torch.Tensor, y: torch.Tensor, rank: int, world: int) -> lis
     return [(xs[i : i + 16], ys[i : i + 16]) for i in range(0, len(xs), 16)]
 
 
-def worker(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+def worker(rank: int, out: str) -> None:
+    # rendezvous through a file: no port to pick, so no race with other processes on the machine
+    store = (Path(out) / "store").as_posix()
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
         x, y = data()
@@ -54,15 +55,9 @@ def worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_two_gloo_processes_equal_one(tmp_path: Path) -> None:
-    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     x, y = data()
     full = DNCProbe(model(), layers=("linear", "relu"), num_classes=K).measure([(x[:100], y[:100]), (x[100:], y[100:])])
     acc = ClassAccumulator(K, passes=1, cov="full")

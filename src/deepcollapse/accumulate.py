@@ -10,14 +10,17 @@ Two modes.
 * **Two passes** (exact; the default). Pass 1 sums per class, ``n_c`` and ``s_c = Σ_{i∈c} h_i``, giving
   ``μ_c = s_c / n_c``. Pass 2 streams the same data again and accumulates moments of the *centred*
   features ``e_i = h_i - μ_{y_i}``: the per-class sums ``Σ_{i∈c} ||e_i||²``, the ``K x K`` matrix
-  ``Σ_i (M e_i)(M e_i)^T = N · M Σ_W M^T`` and the nearest-class-centre counts (NC4), plus, on the full
-  path only, the ``D x D`` scatter ``Σ_i e_i e_i^T = N Σ_W``.
+  ``Σ_i (M_r e_i)(M_r e_i)^T = N · M_r Σ_W M_r^T`` with the means shifted by the sample mean ``r``
+  (``M_r = M - 1r^T``, the ``centre`` of :class:`~deepcollapse.metrics.ClassStats`: no cancellation when
+  the features sit far from the origin) and the nearest-class-centre counts (NC4), plus, on the full path
+  only, the ``D x D`` scatter ``Σ_i e_i e_i^T = N Σ_W``.
 * **One pass** (Welford/Chan). Each batch's own exact statistics (count, mean, centred scatter) are merged
   into the running ones with Chan et al.'s pairwise update,
   ``M2 = M2_a + M2_b + δ δ^T n_a n_b / n`` with ``δ = μ_b - μ_a``, pooled over classes. No
-  ``E[hh^T] - E[h]E[h]^T`` cancellation occurs. One pass always needs the ``D x D`` scatter: ``M Σ_W M^T``
-  depends on the *final* means, unknown until the data end. NC4 also needs the final means, so one-pass
-  statistics carry no nearest-class-centre counts (``ncc_correct=None``; use two passes for NC4).
+  ``E[hh^T] - E[h]E[h]^T`` cancellation occurs. One pass always needs the ``D x D`` scatter:
+  ``M_r Σ_W M_r^T`` depends on the *final* means, unknown until the data end. NC4 also needs the final
+  means, so one-pass statistics carry no nearest-class-centre counts (``ncc_correct=None``; use two passes
+  for NC4).
 
 Memory. The full path holds ``D²`` doubles per layer; the light path ``O(K·D)`` and gets NC1 from the
 ``K x K`` Gram identity (:func:`deepcollapse.metrics.nc1`, ``method="gram"``), so flattened conv maps
@@ -172,24 +175,35 @@ def means_of(state: MomentState, *, name: str = "features") -> Tensor:
 
 @dataclass(frozen=True)
 class Centres:
-    """Fixed class means for pass 2: ``means`` (K, D) and ``dist2`` (K, K) ``||μ_a - μ_b||²``."""
+    """Fixed class means for pass 2: ``means`` (K, D), the reference point ``centre`` (D,) ``r``,
+    ``shifted`` (K, D) ``M_r = M - 1r^T`` and ``dist2`` (K, K) ``||μ_a - μ_b||²``."""
 
     means: Tensor
+    centre: Tensor
+    shifted: Tensor
     dist2: Tensor
 
 
-def centres(means: Tensor) -> Centres:
-    """Pass-2 reference built once from the final class means (distances computed without the Gram trick)."""
+def centres(means: Tensor, counts: Tensor | None = None) -> Centres:
+    """Pass-2 reference built once from the final class means.
+
+    ``r`` is the sample mean ``Σ_c n_c μ_c / N`` (the plain average of the means without ``counts``); any
+    ``r`` gives the same NC1, a central one avoids cancellation. Distances are computed without the Gram trick.
+    """
     m = means.to(F64)
+    w = torch.full((m.shape[0],), 1.0 / m.shape[0], dtype=F64, device=m.device)
+    if counts is not None:
+        w = counts.to(device=m.device, dtype=F64) / counts.sum()
+    r = w @ m
     d = torch.cdist(m[None], m[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
-    return Centres(m, d.pow(2))
+    return Centres(m, r, m - r, d.pow(2))
 
 
 @dataclass(frozen=True)
 class SpreadState:
     """Pass-2 statistics about fixed means ``M``, with ``e_i = h_i - μ_{y_i}``.
 
-    ``counts`` (K,) ``n_c``; ``within_sq`` (K,) ``Σ_{i∈c} ||e_i||²``; ``proj`` (K, K) ``Σ_i (M e_i)(M e_i)^T``;
+    ``counts`` (K,) ``n_c``; ``within_sq`` (K,) ``Σ_{i∈c} ||e_i||²``; ``proj`` (K, K) ``Σ_i (M_r e_i)(M_r e_i)^T``;
     ``scatter`` (D, D) ``Σ_i e_i e_i^T`` or ``None`` (light path); ``ncc_correct`` (K,) samples whose
     nearest class mean is their own, or ``None``.
     """
@@ -223,12 +237,12 @@ def init_spread(
 def update_spread(state: SpreadState, h: Tensor, y: Tensor, ref: Centres) -> SpreadState:
     """Add a prepared batch's centred moments about ``ref.means``.
 
-    With ``e_i = h_i - μ_{y_i}`` and ``p_i = M e_i`` (one ``B x D x K`` product serves NC1 and NC4):
-    ``proj += Σ p_i p_i^T``; NC4's nearest centre minimises
+    With ``e_i = h_i - μ_{y_i}`` and ``p_i = M_r e_i`` (one ``B x D x K`` product serves NC1 and NC4):
+    ``proj += Σ p_i p_i^T``; NC4's nearest centre minimises (``r`` cancels)
     ``||h_i - μ_c||² - ||e_i||² = 2 (p_{i,y_i} - p_{i,c}) + ||μ_{y_i} - μ_c||²`` (no large-norm cancellation).
     """
     e = torch.sub(h, ref.means.index_select(0, y))  # float64 by type promotion, one pass over h
-    p = e @ ref.means.T  # (B, K)
+    p = e @ ref.shifted.T  # (B, K)
     k = state.counts.numel()
     ncc = state.ncc_correct
     if ncc is not None:
@@ -250,7 +264,7 @@ def merge_spread(a: SpreadState, b: SpreadState) -> SpreadState:
 
 
 def spread_stats(state: SpreadState, ref: Centres) -> ClassStats:
-    """``ClassStats`` from pass 2: ``within_trace = Σ||e||²/n_c``, ``M Σ_W M^T = proj/N``, ``Σ_W = scatter/N``."""
+    """``ClassStats`` from pass 2: ``within_trace = Σ||e||²/n_c``, ``M_r Σ_W M_r^T = proj/N``, ``Σ_W = scatter/N``."""
     n = float(state.counts.sum())
     return ClassStats(
         counts=state.counts,
@@ -259,6 +273,7 @@ def spread_stats(state: SpreadState, ref: Centres) -> ClassStats:
         means_sigma_w=state.proj / n,
         sigma_w=None if state.scatter is None else state.scatter / n,
         ncc_correct=state.ncc_correct,
+        centre=ref.centre,
     )
 
 
@@ -339,17 +354,20 @@ def recentre_welford(state: WelfordState, means: Tensor) -> tuple[Tensor, Tensor
 
 
 def welford_stats(state: WelfordState, *, name: str = "features") -> ClassStats:
-    """``ClassStats`` (no NC4 counts) from one-pass state: ``Σ_W = S/N``, ``M Σ_W M^T`` from the final means."""
+    """``ClassStats`` (no NC4 counts) from one-pass state: ``Σ_W = S/N`` and ``M_r Σ_W M_r^T`` from the final
+    means, ``r`` the sample mean."""
     _check_classes(state.counts, name)
     n = float(state.counts.sum())
     sigma_w = state.scatter / n
+    ref = centres(state.means, state.counts)
     return ClassStats(
         counts=state.counts,
         means=state.means,
         within_trace=state.within_sq / state.counts.to(F64),
-        means_sigma_w=state.means @ sigma_w @ state.means.T,
+        means_sigma_w=ref.shifted @ sigma_w @ ref.shifted.T,
         sigma_w=sigma_w,
         ncc_correct=None,
+        centre=ref.centre,
     )
 
 
@@ -559,7 +577,7 @@ class ClassAccumulator:
             self.sync()
         if self.passes == 2 and self.pass_index == 1:
             assert self._moments is not None and self.dim is not None
-            self._ref = centres(means_of(self._moments, name=self.name))
+            self._ref = centres(means_of(self._moments, name=self.name), self._moments.counts)
             self._spread = init_spread(
                 self.num_classes, self.dim, full_cov=bool(self.full_cov), ncc=self.ncc, device=self._ref.means.device
             )

@@ -17,8 +17,9 @@ samples per class) and λ's (:func:`compare_with_theory`). Cross-entropy replace
 
 Checkpoints (``checkpoint.pt``, written atomically after every epoch) hold the config, the model, the
 optimizer, the epoch, the history and every RNG state (torch, CUDA, numpy, python, and the generator
-that draws the data order), so a resumed run repeats an uninterrupted one exactly. The learning rate is
-a pure function of the epoch (:func:`lr_at`), so the schedule needs no state of its own.
+that draws the data order), so a resumed run repeats an uninterrupted one exactly (bit for bit on the CPU;
+on CUDA cuDNN is set to deterministic algorithms and the metrics are summed on the CPU). The learning rate
+is a pure function of the step (:func:`lr_at`), so the schedule needs no state of its own.
 """
 
 from __future__ import annotations
@@ -201,7 +202,8 @@ def loss_terms(
 
     ``fit = 1/(2b) Σ_i ||out_i - e_{y_i}||²`` (``mse``) or the mean cross-entropy (``ce``);
     ``reg_w = λ_W/2 Σ_l ||W_l||²``; ``reg_h1 = λ_H1/2 · (N/b) Σ_i ||h1_i||²`` with ``N = num_samples``;
-    ``reg_backbone = λ_B/2 Σ ||θ||²``; ``total`` their sum. With ``b = N`` and ``λ_B = 0`` this equals
+    ``reg_backbone = λ_B/2 Σ ||θ||²``; ``total`` their sum (pass the head's biases in ``head_weights`` to
+    decay them too). With ``b = N`` and ``λ_B = 0`` this equals
     :func:`deepcollapse.dufm.objective` on ``(H1^T, W, Y)``.
     """
     b = out.shape[0]
@@ -492,7 +494,7 @@ def _resolve_device(device: str) -> torch.device:
 
 
 def _measure_indices(labels: Tensor, num_classes: int, per_class: int | None) -> Tensor:
-    """The first ``per_class`` samples of every class (the training set is shuffled within classes)."""
+    """The first ``per_class`` samples of every class: a fixed subset of the training set for the metrics."""
     if per_class is None:
         return torch.arange(len(labels))
     return torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(num_classes)])
