@@ -190,6 +190,14 @@ def centred_means(stats: ClassStats, *, weighting: Weighting = "samples") -> Ten
     return stats.means - global_mean(stats, weighting=weighting)
 
 
+def _mean_matrix(means: Tensor | ClassStats, *, center: bool, weighting: Weighting) -> Tensor:
+    """The (K, D) class means in float64, centred (about μ_G, or their plain average for raw means) if asked."""
+    if isinstance(means, ClassStats):
+        return centred_means(means, weighting=weighting) if center else means.means
+    m = means.to(F64)
+    return m - m.mean(0) if center else m
+
+
 def _rtol(k: int, d: int, rtol: float | None) -> float:
     return max(k, d) * torch.finfo(F64).eps if rtol is None else float(rtol)
 
@@ -289,12 +297,7 @@ def nc3(
     ``center``). ``"duality"`` (last layer, Papyan/Zhu self-duality; needs ``out == K``):
     ``|| W/||W||_F - M̄/||M̄||_F ||_F`` with centred means when ``center`` else uncentred.
     """
-    if isinstance(means, ClassStats):
-        m = centred_means(means, weighting=weighting) if center else means.means
-    else:
-        m = means.to(F64)
-        if center:
-            m = m - m.mean(0)
+    m = _mean_matrix(means, center=center, weighting=weighting)
     w = weight.detach().to(device=m.device, dtype=F64)
     if w.dim() != 2 or w.shape[1] != m.shape[1]:
         raise DeepCollapseError(
@@ -350,13 +353,7 @@ def cdnv(stats: ClassStats) -> tuple[float, Tensor]:
 
 def mean_spectrum(means: Tensor | ClassStats, *, center: bool = False, weighting: Weighting = "samples") -> Tensor:
     """Singular values (descending) of the class-mean matrix, centred if ``center``."""
-    if isinstance(means, ClassStats):
-        m = centred_means(means, weighting=weighting) if center else means.means
-    else:
-        m = means.to(F64)
-        if center:
-            m = m - m.mean(0)
-    return torch.linalg.svdvals(m)
+    return torch.linalg.svdvals(_mean_matrix(means, center=center, weighting=weighting))
 
 
 def numerical_rank(singular_values: Tensor, *, rtol: float = 1e-3) -> int:

@@ -126,10 +126,9 @@ def dnc_loss(
     lambda_w: float | Sequence[float],
 ) -> float:
     """``L_DNC``: the loss of the best DNC configuration (the global optimum for K = 2)."""
-    K = check_positive_int("num_classes", num_classes, minimum=2)
+    s = dnc_scale(num_classes=num_classes, num_layers=num_layers, n=n, lambda_h=lambda_h, lambda_w=lambda_w)
     c = dnc_constant(num_layers, n, lambda_h, lambda_w)
-    s = _scale_from_c(K, num_layers, c)
-    return dnc_objective(s, num_classes=K, num_layers=num_layers, c=c)
+    return dnc_objective(s, num_classes=num_classes, num_layers=num_layers, c=c)
 
 
 @dataclass(frozen=True)
