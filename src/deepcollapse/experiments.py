@@ -37,7 +37,7 @@ def _plt():
 def srg_table_experiment(
     out: str | Path,
     *,
-    rs: Sequence[int] = (3, 4, 5, 6, 7, 8),
+    rs: Sequence[int] = (4, 5, 6, 7, 8),
     layers: Sequence[int] = (3, 4, 5),
     n: int = 5,
     lam: float = 0.004,
@@ -238,7 +238,7 @@ def dnc_vs_width(
     on_row: Callable | None = None,
     on_start: Callable | None = None,
 ) -> list[dict[str, Any]]:
-    """The fraction of seeds that reach DNC (verdict ``"dnc"``) against the width."""
+    """The fraction of seeds that reach DNC (verdict ``"dnc"``) against the width (diverged runs count as not)."""
     out = Path(out)
     spec = {
         "grid": {"width": list(widths), "seed": list(seeds)},
@@ -256,14 +256,16 @@ def dnc_vs_width(
     rows = _sweep(out, spec, resume, on_row, on_start)
     summary = []
     for w, rs in _by(rows, "width").items():
+        ratios = [r["ratio_dnc"] for r in rs if r.get("ratio_dnc") is not None]
         summary.append(
             {
                 "width": w,
                 "runs": len(rs),
+                "diverged": sum(r.get("stop_reason") == "diverged" for r in rs),
                 "dnc_fraction": sum(r.get("verdict") == "dnc" for r in rs) / len(rs),
                 "low_rank_fraction": sum(r.get("verdict") == "low-rank" for r in rs) / len(rs),
-                "mean_ratio_dnc": statistics.fmean(r["ratio_dnc"] for r in rs),
-                "min_ratio_dnc": min(r["ratio_dnc"] for r in rs),
+                "mean_ratio_dnc": statistics.fmean(ratios) if ratios else math.nan,
+                "min_ratio_dnc": min(ratios) if ratios else math.nan,
             }
         )
     write_csv(out / "dnc_vs_width.csv", summary)

@@ -35,6 +35,8 @@ batch), then L-BFGS (float64) from the two best. It is reported as the DUFM
 :func:`~deepcollapse.dufm.objective` at explicit parameters (:func:`srg_parameters`) and is an upper bound
 on the DUFM optimum. The optimizer often prefers the Kneser pattern (the ReLU keeps the disjoint edges)
 and earlier ReLUs that clip exactly to ``B``; for L = 3 this is what brings ``L_SRG`` below ``L_DNC``.
+For r = 3 (K = r) nothing is low rank: the family then contains the DNC point, which this search does not
+reach (it stops 4-5 % above ``L_DNC``), so tables start at r = 4.
 """
 
 from __future__ import annotations
@@ -437,7 +439,7 @@ def srg_dufm_loss(config: DUFMConfig, theta: Sequence[float] | Tensor | None = N
 
 def srg_table(
     *,
-    rs: Sequence[int] = (3, 4, 5, 6, 7, 8),
+    rs: Sequence[int] = (4, 5, 6, 7, 8),
     layers: Sequence[int] = (3, 4, 5),
     n: int = 5,
     lambda_h: float = 0.004,

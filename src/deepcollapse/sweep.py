@@ -262,15 +262,16 @@ def result_row(item: Mapping[str, Any], res: BatchResult, *, analysis: bool = Tr
 
 
 def _chunks(items: Sequence[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
-    """Group by shape (and solver length), then cut into batches of at most ``size``."""
+    """Group by shape and stopping rules (everything but the learning rate), then cut into batches of ``size``."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for it in items:
-        groups.setdefault((shape_key(it["config"]), it["options"].max_steps), []).append(it)
+        o = it["options"]
+        groups.setdefault((shape_key(it["config"]), o.max_steps, o.tol_grad, o.tol_rel, o.patience), []).append(it)
     return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
 def _options(chunk: Sequence[Mapping[str, Any]]) -> GDOptions:
-    """One GDOptions for a batch: per-config lr; the strictest tolerances (identical in a grid)."""
+    """One GDOptions for a batch: per-config lr, the batch's shared stopping rules."""
     o = [it["options"] for it in chunk]
     return GDOptions(
         lr=[x.lr for x in o],

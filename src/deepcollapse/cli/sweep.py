@@ -136,7 +136,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def table_cmd(
         layers: Annotated[str, typer.Option(help="depths L, comma-separated")] = "3,4,5",
-        r: Annotated[str, typer.Option("--r", help="graph orders r (K = r(r-1)/2), comma-separated")] = "3,4,5,6,7,8",
+        r: Annotated[str, typer.Option("--r", help="graph orders r (K = r(r-1)/2), comma-separated")] = "4,5,6,7,8",
         n: Annotated[int, typer.Option(min=1, help="samples per class")] = 5,
         lam: Annotated[float, typer.Option("--lambda", min=0.0, help="all λ (λ_H1 = λ_Wl)")] = 0.004,
         out: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/lowrank_table"),
@@ -247,7 +247,7 @@ def register(app: typer.Typer) -> None:
             out,
             resume,
             "DNC found by GD vs width",
-            ["width", "runs", "dnc_fraction", "low_rank_fraction", "mean_ratio_dnc", "min_ratio_dnc"],
+            ["width", "runs", "diverged", "dnc_fraction", "low_rank_fraction", "mean_ratio_dnc", "min_ratio_dnc"],
             widths=ws if isinstance(ws, list) else [ws],
             seeds=list(range(seeds)),
             steps=steps,
