@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from .dufm import DUFMConfig, label_matrix, labels_from_counts, objective
-from .theory import _scale_from_c, dnc_loss, dnc_objective
+from .theory import dnc_loss, dnc_objective, optimal_scale
 from .validate import DeepCollapseError, check_nonneg, check_positive_int, per_layer
 
 __all__ = [
@@ -212,7 +212,7 @@ def reference_theta(
     kappa = reference_kappa(r=r, num_layers=L, n=n, lambda_h=lambda_h, lambda_w=lw)
     if kappa == 0:
         raise DeepCollapseError("the SRG construction needs every λ > 0")
-    s = _scale_from_c(1, L, kappa)
+    s = optimal_scale(kappa, L)
     loss = dnc_objective(s, num_classes=1, num_layers=L, c=kappa)
     coef = [2 * k * n * lambda_h] + [r * v for v in lw[:-2]] + [k * r / 4 * lw[-2], k * lw[-1]]
     t = kappa * s ** (2 / (L + 1))

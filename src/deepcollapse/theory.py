@@ -51,6 +51,7 @@ __all__ = [
     "dnc_scale",
     "dnc_solution",
     "optimal_parameters",
+    "optimal_scale",
     "zero_threshold",
 ]
 
@@ -77,9 +78,15 @@ def dnc_objective(s: float, *, num_classes: int, num_layers: int, c: float) -> f
     return 0.5 * (1 - s) ** 2 + 0.5 * num_classes * (L + 1) * c * s ** (2 / (L + 1))
 
 
-def _scale_from_c(num_classes: int, num_layers: int, c: float) -> float:
-    K, L = num_classes, num_layers
-    kc = K * c
+def optimal_scale(kc: float, num_layers: int) -> float:
+    """The global minimizer over ``s ∈ [0, 1]`` of ``½(1-s)² + ½(L+1)·kc·s^{2/(L+1)}``.
+
+    ``kc = K·C`` for DNC; other constructions with the same balanced form (the low-rank SRG family) pass
+    their own constant. L = 1: ``max(0, 1 - kc)``. L >= 2: the root of ``(1-s) s^{(L-1)/(L+1)} = kc`` on
+    the falling branch (bisection to machine precision), or 0 when that root does not exist or loses
+    against ``f(0) = 1/2``.
+    """
+    L = num_layers
     if L == 1:
         return max(0.0, 1.0 - kc)
     if kc == 0:
@@ -99,8 +106,12 @@ def _scale_from_c(num_classes: int, num_layers: int, c: float) -> float:
         if hi - lo <= 1e-17:
             break
     s = 0.5 * (lo + hi)
-    f = dnc_objective(s, num_classes=K, num_layers=L, c=c)
+    f = dnc_objective(s, num_classes=1, num_layers=L, c=kc)
     return s if f < 0.5 else 0.0  # f(0) = 1/2: the zero solution wins past the threshold
+
+
+def _scale_from_c(num_classes: int, num_layers: int, c: float) -> float:
+    return optimal_scale(num_classes * c, num_layers)
 
 
 def dnc_scale(
