@@ -134,7 +134,10 @@ def report(summary: dict, out: Path) -> None:
     )
     line = f"loss {summary['final_loss']:.10g}"
     if th is not None:
-        line += f"   L_DNC {th['dnc_loss']:.10g}   gap {fmt(summary['gap'])}   s {th['s']:.6f}"
+        line += f"   L_DNC {th['dnc_loss']:.10g}   gap {fmt(summary['gap'])}"
+        check = summary.get("check")
+        measured = f"{check['s']:.6f} " if check is not None else ""
+        line += f"   s {measured}(theory {th['s']:.6f})"
     console.print(line, highlight=False)
     rows = []
     for e in summary["layers"]:
