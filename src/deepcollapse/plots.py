@@ -42,6 +42,7 @@ def plot_loss(
     x: str = "step",
     optimum: float | None = None,
     optimum_label: str = "L_DNC (theory)",
+    optimum_name: str = "L_DNC",
     title: str = "DUFM loss",
     extra_lines: Mapping[str, float] | None = None,
 ) -> Path:
@@ -78,7 +79,7 @@ def plot_loss(
         if logx:
             ax2.set_xscale("log")
         ax2.set_xlabel(x)
-        ax2.set_title("|loss - optimum| / optimum")
+        ax2.set_title(f"|loss - {optimum_name}| / {optimum_name}")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -180,7 +180,14 @@ def draw_plots(out: Path, history: list[dict[str, Any]], summary: dict[str, Any]
     th = summary.get("theory")
     # GD starts at step 0; shift by one so that log axes keep the first point.
     rows = [{**r, "step": r["step"] + 1} for r in history]
-    plots.plot_loss(rows, out / "loss.png", optimum=th["dnc_loss"] if th else None, x="step")
+    srg = (summary.get("analysis") or {}).get("srg_loss")
+    plots.plot_loss(
+        rows,
+        out / "loss.png",
+        optimum=th["dnc_loss"] if th else None,
+        x="step",
+        extra_lines={"L_SRG (low-rank construction)": srg} if srg else None,
+    )
     plots.plot_metric_curves(
         rows,
         out / "metrics.png",
