@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -213,6 +215,22 @@ def test_nc1_decreases_as_features_collapse(seed, shrink):
 # ---------------------------------------------------------------- options and errors
 
 
+def test_degenerate_layers_are_undefined_not_collapsed():
+    y = torch.arange(12) % 3
+    dead = M.class_stats(torch.zeros(12, 4, dtype=torch.float64), y, 3)  # a dead ReLU layer
+    assert math.isnan(M.nc1(dead))
+    signs = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0] * 2, dtype=torch.float64)[:, None]
+    spread = M.class_stats(signs * torch.ones(12, 4, dtype=torch.float64), y, 3)  # every class mean is 0
+    assert M.nc1(spread) == float("inf")
+
+
+def test_nc1_for_tiny_features():
+    h, y = sample(2)
+    ref = M.nc1(stats_of(h, y, 4))
+    assert M.nc1(stats_of(h * 1e-85, y, 4)) == pytest.approx(ref, rel=1e-9)  # full path: in range
+    assert math.isnan(M.nc1(stats_of(h * 1e-85, y, 4, full_cov=False)))  # Gram path: says it cannot tell
+
+
 def test_dnc_metrics_keys_and_float64_inside():
     h, y = sample(0)
     out = M.dnc_metrics(torch.from_numpy(h).float(), torch.from_numpy(y), 4, weight=torch.randn(4, 7))
@@ -240,7 +258,7 @@ def test_bad_input_is_named(features, labels, k, match):
 def test_nc1_full_needs_covariance():
     h, y = sample(0)
     with pytest.raises(DeepCollapseError, match="sigma_w"):
-        M.nc1(stats_of(h, y, 4), method="full")
+        M.nc1(stats_of(h, y, 4, full_cov=False), method="full")
 
 
 def test_nc3_shape_mismatch_is_named():

@@ -131,8 +131,8 @@ def test_resume_after_a_kill_equals_an_unbroken_run(tmp_path, opt):
             raise KeyboardInterrupt
 
     ckpt = tmp_path / "c.pt"
-    with pytest.raises(KeyboardInterrupt):
-        solve(DUFM(cfg), scfg, checkpoint=ckpt, checkpoint_every=0.0, callback=kill)
+    with pytest.raises(KeyboardInterrupt):  # no periodic checkpoint: the interrupt itself saves
+        solve(DUFM(cfg), scfg, checkpoint=ckpt, checkpoint_every=1e9, callback=kill)
     resumed = DUFM(cfg)
     res = solve(resumed, scfg, resume_state=load_checkpoint(ckpt, cfg, scfg))
     for a, b in zip([full.h1, *full.weights], [resumed.h1, *resumed.weights], strict=True):
@@ -141,6 +141,15 @@ def test_resume_after_a_kill_equals_an_unbroken_run(tmp_path, opt):
     strip = [{k: v for k, v in r.items() if k not in drop} for r in res.history]
     assert strip == [{k: v for k, v in r.items() if k not in drop} for r in res_full.history]
     assert res.evaluations == res_full.evaluations
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = DUFMConfig(num_classes=2, n_per_class=3, num_layers=3, width=4, lambda_h=0.01, lambda_w=0.01)
+    ckpt = tmp_path / "c.pt"
+    with pytest.raises(DivergenceError):
+        solve(DUFM(cfg), SolverConfig(optimizer="gd", lr=1e6, max_steps=100), checkpoint=ckpt, checkpoint_every=0.0)
+    state = load_checkpoint(ckpt, cfg, SolverConfig(optimizer="gd", lr=1e6))
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 def test_checkpoint_from_another_configuration_is_refused(tmp_path):

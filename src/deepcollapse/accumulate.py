@@ -114,6 +114,10 @@ def prepare_batch(
             f"{where}: features must be (batch, ...) with at least one feature, got shape {tuple(features.shape)}"
         )
     h = features.detach().reshape(features.shape[0], -1)
+    if not (h.is_floating_point() or h.is_complex()):
+        h = h.to(F64)  # bool and integer features (e.g. binary codes) are measured as numbers
+    elif h.is_complex():
+        raise DeepCollapseError(f"{where}: complex features are not supported")
     if dim is not None and h.shape[1] != dim:
         raise DeepCollapseError(
             f"{where}: {h.shape[1]} features per sample (shape {tuple(features.shape)}), but earlier batches had {dim}"

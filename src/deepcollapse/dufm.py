@@ -82,7 +82,7 @@ class DUFMConfig:
         self.init_std = check_real("init_std", self.init_std, low=0.0, low_inclusive=False)
         if self.dtype not in DTYPES:
             raise DeepCollapseError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        self.seed = int(self.seed)
+        self.seed = check_positive_int("seed", self.seed, minimum=0)
 
     @property
     def counts(self) -> list[int]:

@@ -136,8 +136,15 @@ def gd_lowrank(
     return rows
 
 
-def _sweep(out: Path, spec: dict[str, Any], resume: bool, on_row: Callable | None, on_start: Callable | None) -> list:
-    run_sweep(spec, out, resume=resume, overwrite=not resume, on_row=on_row, on_start=on_start)
+def _sweep(
+    out: Path,
+    spec: dict[str, Any],
+    resume: bool,
+    on_row: Callable | None,
+    on_start: Callable | None,
+    overwrite: bool = False,
+) -> list:
+    run_sweep(spec, out, resume=resume, overwrite=overwrite, on_row=on_row, on_start=on_start)
     return read_results(out)
 
 
@@ -176,6 +183,7 @@ def rank_vs_wd(
     n: int = 5,
     lr: float = 0.5,
     resume: bool = False,
+    overwrite: bool = False,
     on_row: Callable | None = None,
     on_start: Callable | None = None,
 ) -> list[dict[str, Any]]:
@@ -194,7 +202,7 @@ def rank_vs_wd(
             "tol_rel": 0.0,
         },
     }
-    rows = _sweep(out, spec, resume, on_row, on_start)
+    rows = _sweep(out, spec, resume, on_row, on_start, overwrite)
     summary = []
     for lam, rs in _by(rows, "lambda_h").items():
         ranks = [r["rank_pre_last"] for r in rs if r.get("rank_pre_last") is not None]
@@ -235,6 +243,7 @@ def dnc_vs_width(
     lam: float = 0.004,
     lr: float = 0.5,
     resume: bool = False,
+    overwrite: bool = False,
     on_row: Callable | None = None,
     on_start: Callable | None = None,
 ) -> list[dict[str, Any]]:
@@ -253,7 +262,7 @@ def dnc_vs_width(
             "tol_rel": 0.0,
         },
     }
-    rows = _sweep(out, spec, resume, on_row, on_start)
+    rows = _sweep(out, spec, resume, on_row, on_start, overwrite)
     summary = []
     for w, rs in _by(rows, "width").items():
         ratios = [r["ratio_dnc"] for r in rs if r.get("ratio_dnc") is not None]

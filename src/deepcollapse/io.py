@@ -157,8 +157,12 @@ def _parse(v: str) -> Any:
     return v
 
 
-def read_csv(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a CSV written by this module, numbers parsed; a trailing partial line is dropped."""
+def read_csv(path: str | Path, *, text_columns: Sequence[str] = ("key",)) -> list[dict[str, Any]]:
+    """Rows of a CSV written by this module, numbers parsed; a trailing partial line is dropped.
+
+    ``text_columns`` are kept as strings (identifiers such as hex keys like ``"2498324e5906"`` would
+    otherwise parse as numbers).
+    """
     path = Path(path)
     if not path.exists():
         raise DeepCollapseError(f"no such file: {path}")
@@ -169,7 +173,8 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
     if not lines:
         return []
     reader = csv.DictReader(lines)
-    return [{k: _parse(v) for k, v in row.items()} for row in reader]
+    keep = set(text_columns)
+    return [{k: (v if k in keep else _parse(v)) for k, v in row.items()} for row in reader]
 
 
 def prepare_out_dir(out: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:

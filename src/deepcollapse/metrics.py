@@ -59,6 +59,7 @@ __all__ = [
 
 Weighting = Literal["samples", "classes"]
 F64 = torch.float64
+FULL_COV_MAX_DIM = 2048  # class_stats keeps the D x D Σ_W by default up to this dimension
 
 
 @dataclass(frozen=True)
@@ -142,13 +143,14 @@ def class_stats(
     labels: Tensor,
     num_classes: int,
     *,
-    full_cov: bool = False,
+    full_cov: bool | None = None,
     ncc: bool = True,
 ) -> ClassStats:
     """Exact two-pass statistics of ``features`` (N, D) with integer ``labels`` (N,), in float64.
 
-    ``full_cov`` also keeps the ``D x D`` within-class covariance ``Σ_W``; ``ncc`` counts the samples
-    that the nearest-class-centre rule classifies correctly (for NC4).
+    ``full_cov`` also keeps the ``D x D`` within-class covariance ``Σ_W`` (default: when ``D <= 2048``,
+    i.e. at most 32 MiB); ``ncc`` counts the samples that the nearest-class-centre rule classifies
+    correctly (for NC4).
     """
     if num_classes < 2:
         raise DeepCollapseError(f"num_classes must be >= 2 (collapse compares classes), got {num_classes}")
@@ -164,6 +166,8 @@ def class_stats(
     centre = (counts.to(F64) @ means) / h.shape[0]  # the sample mean: a well-conditioned reference
     proj = centred @ (means - centre).T  # (N, K): (h_i - μ_{y_i})^T (μ_c - r)
     means_sigma_w = proj.T @ proj / h.shape[0]
+    if full_cov is None:
+        full_cov = h.shape[1] <= FULL_COV_MAX_DIM
     sigma_w = centred.T @ centred / h.shape[0] if full_cov else None
     ncc_correct = None
     if ncc:
@@ -218,24 +222,30 @@ def nc1(
     *,
     normalize: bool = True,
     weighting: Weighting = "samples",
-    method: Literal["gram", "full"] = "gram",
+    method: Literal["auto", "gram", "full"] = "auto",
     rtol: float | None = None,
 ) -> float:
     """Within-class variability relative to between-class: ``tr(Σ_W Σ_B^+) / K``.
 
     ``normalize=False`` drops the ``1/K``. ``method="gram"`` uses only ``M Σ_W M^T`` (O(K·D) state, see the
-    module docstring); ``"full"`` uses ``Σ_W`` (needs ``stats.sigma_w``). Both use the same rank-aware
-    pseudo-inverse. Returns ``inf`` if all class means coincide while features vary, ``0`` on perfect
-    collapse.
+    module docstring); ``"full"`` uses ``Σ_W`` (needs ``stats.sigma_w``); ``"auto"`` takes ``"full"`` when
+    ``Σ_W`` is there. Both use the same rank-aware pseudo-inverse. Returns ``0`` on perfect collapse,
+    ``inf`` if all class means coincide while features vary, and ``nan`` (undefined) if the features do
+    not vary at all (e.g. a dead ReLU layer). The Gram path squares the scale twice: for features
+    smaller than about 1e-75 it underflows and returns ``nan``; the full path is good to about 1e-150.
     """
     u, s, vh, a = _between_svd(stats, weighting, rtol)
     k = stats.num_classes
     if s.numel() == 0:
-        return 0.0 if float(stats.within_trace.max()) == 0.0 else float("inf")
+        return float("nan") if float(stats.within_trace.max()) == 0.0 else float("inf")
+    if method == "auto":
+        method = "full" if stats.sigma_w is not None else "gram"
     if method == "gram":
+        if float(s[0]) ** 4 == 0.0:  # M Σ_W M^T has underflowed: the statistics cannot tell
+            return float("nan")
         pbar = a @ stats.means_sigma_w @ a.T  # M̄ Σ_W M̄^T (A removes any reference point)
         quad = torch.einsum("ki,kl,li->i", u, pbar, u).clamp_min(0.0)  # PSD: clip round-off below 0
-        tr = k * float((quad / s.pow(4)).sum())
+        tr = k * float((quad / s.pow(2) / s.pow(2)).sum())
     elif method == "full":
         if stats.sigma_w is None:
             raise DeepCollapseError("nc1(method='full') needs sigma_w; use method='gram' or full_cov=True")

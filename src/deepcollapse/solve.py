@@ -269,6 +269,8 @@ def _solve(
     last_ckpt = time.perf_counter()
     stop_reason = "max_steps"
     loss = fit = reg = gn = float("nan")
+    in_step = False
+    boundary = (st.evaluations, len(st.history), st.calm, st.prev_loss, st.seconds)
     try:
         while True:
             t0 = time.perf_counter()
@@ -300,16 +302,28 @@ def _solve(
             if stop_reason:
                 break
             t0 = time.perf_counter()
+            in_step = True
             _step(params, opt, cfg, closure)
-            st.seconds += time.perf_counter() - t0
             st.step += 1
+            in_step = False
+            st.seconds += time.perf_counter() - t0
+            boundary = (st.evaluations, len(st.history), st.calm, st.prev_loss, st.seconds)
             bar.update(st.step, loss, row_gap=(loss - dnc_loss) / dnc_loss if dnc_loss else None)
             if checkpoint is not None and time.perf_counter() - last_ckpt >= checkpoint_every:
                 save_checkpoint(checkpoint, model, opt, st, cfg)
                 last_ckpt = time.perf_counter()
+    except KeyboardInterrupt:
+        # Keep the state of the last step boundary so that --resume continues exactly. An interrupt
+        # inside an optimizer step leaves the parameters half-updated: then the last periodic
+        # checkpoint stays as it is.
+        if checkpoint is not None and not in_step:
+            st.evaluations, n_rows, st.calm, st.prev_loss, st.seconds = boundary
+            del st.history[n_rows:]
+            save_checkpoint(checkpoint, model, opt, st, cfg)
+        raise
     finally:
         bar.close()
-    if checkpoint is not None:
+    if checkpoint is not None and stop_reason != "diverged":  # never overwrite a good state with NaNs
         save_checkpoint(checkpoint, model, opt, st, cfg)
     layers = layer_metrics(model.h1, list(model.weights), labels, K) if math.isfinite(loss) else []
     result = SolveResult(

@@ -181,6 +181,8 @@ def _draw(dist: Mapping[str, Any], rng: random.Random) -> Any:
 
 def _resolve(params: Mapping[str, Any]) -> dict[str, Any]:
     p = {**DEFAULTS, **params}
+    if "lambda" in p and p["lambda"] is None:
+        raise DeepCollapseError("lambda must be a number, got null")
     lam = p.pop("lambda", None)
     if lam is not None:
         p.setdefault("lambda_h", lam)

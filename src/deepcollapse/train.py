@@ -349,7 +349,10 @@ def fit_to_optimal(
     """
     k, n = data.num_classes, data.n_per_class
     cfg = _dufm_config(config, num_classes=k, n=n)
-    h_star, w_star = theory.optimal_parameters(cfg)
+    try:
+        h_star, w_star = theory.optimal_parameters(cfg)
+    except DeepCollapseError as e:  # e.g. a width below K, or a λ of 0: no unique optimum to fit
+        return {"skipped": f"no explicit DUFM optimum to fit: {e}"}
     means = M.class_stats(h_star.T, data.y_train, k, ncc=False).means.to(torch.float32)  # (K, d1)
     if float(means.abs().max()) == 0.0:
         return {"skipped": "the DUFM optimum is all zeros for these λ's (past the zero threshold)"}

@@ -51,6 +51,8 @@ def check_real(
     low_inclusive: bool = True,
 ) -> float:
     """Return ``value`` as a finite float within ``[low, high]`` (or ``(low, high]``)."""
+    if isinstance(value, bool):
+        raise DeepCollapseError(f"{name} must be a number, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -80,6 +81,13 @@ def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[st
     table = Table(title=title, title_justify="left")
     for c in columns:
         table.add_column(c, justify="right")
+    undefined = False
     for r in rows:
         table.add_row(*(fmt(r.get(c)) for c in columns))
+        undefined |= any(isinstance(r.get(c), float) and math.isnan(r[c]) for c in columns)
     console.print(table)
+    if undefined:
+        console.print(
+            "nan: undefined for that layer (e.g. all its class means coincide or its features do not vary,"
+            " as in a dead ReLU layer)"
+        )

@@ -28,7 +28,7 @@ from ..accumulate import accumulate_stats
 from ..io import prepare_out_dir, write_json
 from ..metrics import dnc_metrics
 from ..plots import plot_metrics_vs_depth
-from ..validate import DeepCollapseError, check_labels
+from ..validate import DeepCollapseError, check_finite, check_labels
 from .common import handle_errors, print_table, resolve_device
 
 TABLE_COLUMNS = ("name", "dim", "nc1", "nc2_etf", "nc2_orth", "nc4", "cdnv", "rank")
@@ -163,8 +163,18 @@ def label_tensor(labels: np.ndarray, num_classes: int | None) -> tuple[torch.Ten
     if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating) or a.dtype == bool):
         raise DeepCollapseError(f"labels must be integers, got dtype {a.dtype}")
     t = torch.from_numpy(_native(a))
+    if t.is_floating_point():
+        check_finite("labels", t)
+        if not bool((t == t.round()).all()):
+            raise DeepCollapseError("labels must be integers, got non-integer values")
     if num_classes is None:
-        num_classes = int(t.max()) + 1 if float(t.min()) >= 0 else 2
+        top = float(t.max())
+        if top >= t.numel():
+            raise DeepCollapseError(
+                f"labels go up to {top:.0f} with only {t.numel()} samples, so some classes would be empty;"
+                " relabel them as 0..K-1 or pass --num-classes"
+            )
+        num_classes = int(top) + 1 if float(t.min()) >= 0 else 2
         if num_classes < 2:
             raise DeepCollapseError("labels hold a single class (0); collapse needs at least two classes")
     return check_labels(t, num_classes, name="labels"), num_classes

@@ -193,10 +193,12 @@ def register(app: typer.Typer) -> None:
         )
         console.print(f"results: {out}/gd_lowrank.csv, {out}/summary.json, {out}/gd_lowrank.png")
 
-    def _sweep_experiment(fn: Any, out: Path, resume: bool, title: str, columns: list[str], **kw: Any) -> None:
+    def _sweep_experiment(
+        fn: Any, out: Path, resume: bool, overwrite: bool, title: str, columns: list[str], **kw: Any
+    ) -> None:
         with _progress() as progress:
             bar = _Bar(progress)
-            rows = fn(out, resume=resume, on_row=bar.row, on_start=bar.start, **kw)
+            rows = fn(out, resume=resume, overwrite=overwrite, on_row=bar.row, on_start=bar.start, **kw)
         print_table(title, rows, columns)
         console.print(f"results: {out}")
 
@@ -211,6 +213,7 @@ def register(app: typer.Typer) -> None:
         width: Annotated[int, typer.Option(min=1)] = 30,
         out: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/rank_vs_wd"),
         resume: Annotated[bool, typer.Option(help="continue a killed run")] = False,
+        overwrite: Annotated[bool, typer.Option(help="replace a run already in --out")] = False,
     ) -> None:
         """Average rank of the class means before the last ReLU against the weight decay (K=10, L=4)."""
         from ..experiments import rank_vs_wd
@@ -220,6 +223,7 @@ def register(app: typer.Typer) -> None:
             rank_vs_wd,
             out,
             resume,
+            overwrite,
             "rank before the last ReLU vs weight decay",
             ["lambda", "runs", "mean_rank", "std_rank", "mean_ratio_dnc", "dnc_fraction"],
             lambdas=lams if isinstance(lams, list) else [lams],
@@ -237,6 +241,7 @@ def register(app: typer.Typer) -> None:
         lam: Annotated[float, typer.Option("--lambda", min=0.0)] = 0.004,
         out: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/dnc_vs_width"),
         resume: Annotated[bool, typer.Option(help="continue a killed run")] = False,
+        overwrite: Annotated[bool, typer.Option(help="replace a run already in --out")] = False,
     ) -> None:
         """The fraction of seeds whose GD solution is DNC against the width (K=10, L=4)."""
         from ..experiments import dnc_vs_width
@@ -246,6 +251,7 @@ def register(app: typer.Typer) -> None:
             dnc_vs_width,
             out,
             resume,
+            overwrite,
             "DNC found by GD vs width",
             ["width", "runs", "diverged", "dnc_fraction", "low_rank_fraction", "mean_ratio_dnc", "min_ratio_dnc"],
             widths=ws if isinstance(ws, list) else [ws],
