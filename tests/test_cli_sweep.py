@@ -75,6 +75,23 @@ def test_lowrank_gd_and_sweeps(tmp_path):
     summary = read_json(tmp_path / "gd" / "summary.json")
     assert len(summary["runs"]) == 2 and "verdict" in summary["runs"][0]
     assert (tmp_path / "gd" / "gd_lowrank.png").exists() and (tmp_path / "gd" / "gd_lowrank_spectra.png").exists()
+    again = [
+        "lowrank",
+        "gd",
+        "--seeds",
+        "1",
+        "--steps",
+        "5",
+        "--classes",
+        "3",
+        "--width",
+        "6",
+        "--out",
+        str(tmp_path / "gd"),
+    ]
+    res = runner.invoke(app, again)
+    assert res.exit_code == 1 and "--overwrite" in res.output  # an earlier run is never replaced silently
+    assert runner.invoke(app, [*again, "--overwrite"]).exit_code == 0
     res = runner.invoke(
         app,
         [

@@ -21,7 +21,7 @@ from typing import Any
 from .analysis import analyze_solution, plot_spectra
 from .batched import GDOptions, train_batched
 from .dufm import DUFMConfig
-from .io import write_csv, write_json
+from .io import prepare_out_dir, write_csv, write_json
 from .lowrank import srg_table
 from .sweep import read_results, run_sweep
 
@@ -74,13 +74,14 @@ def gd_lowrank(
     n: int = 5,
     lam: float = 0.004,
     lr: float = 0.5,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Plain GD from every seed (trained as one batch); one row per seed, ``summary.json`` with analyses.
 
-    Row keys: ``seed, loss, ratio_dnc, ratio_srg, ranks_pre, ranks_post, verdict, steps``.
+    Row keys: ``seed, loss, ratio_dnc, ratio_srg, ranks_pre, ranks_post, verdict, steps``. An ``out``
+    that already holds a run is refused unless ``overwrite``.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out_dir(out, overwrite=overwrite)
     configs = [
         DUFMConfig(
             num_classes=num_classes,

@@ -170,6 +170,7 @@ def register(app: typer.Typer) -> None:
         lam: Annotated[float, typer.Option("--lambda", min=0.0)] = 0.004,
         lr: Annotated[float, typer.Option(min=0.0)] = 0.5,
         out: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/lowrank_gd"),
+        overwrite: Annotated[bool, typer.Option(help="replace a run already in --out")] = False,
     ) -> None:
         """GD on the follow-up's setting: loss against L_DNC and L_SRG, class-mean ranks per layer."""
         from ..experiments import gd_lowrank
@@ -185,6 +186,7 @@ def register(app: typer.Typer) -> None:
                 n=n,
                 lam=lam,
                 lr=lr,
+                overwrite=overwrite,
             )
         print_table(
             f"plain GD, K={classes}, L={layers}, width {width}, λ={lam}, lr {lr}, {steps} steps",
