@@ -422,7 +422,7 @@ def load_checkpoint(path: str | Path, dufm_config: DUFMConfig, solver_config: So
     if not path.exists():
         raise DeepCollapseError(f"nothing to resume: no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
         raise DeepCollapseError(f"cannot read checkpoint {path}: {e}") from None
     mine = dufm_config.to_dict()
