@@ -35,7 +35,9 @@ def handle_errors(fn: F) -> F:
         except DeepCollapseError as e:
             fail(str(e))
         except KeyboardInterrupt:
-            err_console.print("interrupted: what was written so far is kept")
+            err_console.print(
+                "interrupted: files written so far are kept; a run with a checkpoint continues with --resume"
+            )
             raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]
