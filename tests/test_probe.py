@@ -14,13 +14,7 @@ from deepcollapse.validate import DeepCollapseError
 K = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Correctness tests of many small ops: one thread keeps them fast on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- data and reference
