@@ -137,6 +137,11 @@ def gd_lowrank(
     return rows
 
 
+def _gd_spec(grid: dict[str, Any], fixed: dict[str, Any], steps: int) -> dict[str, Any]:
+    """A sweep spec of plain GD runs for exactly ``steps`` steps (no early stop), as the follow-up trains."""
+    return {"grid": grid, "fixed": {**fixed, "max_steps": steps, "tol_grad": 0.0, "tol_rel": 0.0}}
+
+
 def _sweep(
     out: Path,
     spec: dict[str, Any],
@@ -190,20 +195,9 @@ def rank_vs_wd(
 ) -> list[dict[str, Any]]:
     """Mean (and std over seeds) rank of the class means before the last ReLU against λ (all λ equal)."""
     out = Path(out)
-    spec = {
-        "grid": {"lambda": list(lambdas), "seed": list(seeds)},
-        "fixed": {
-            "num_classes": num_classes,
-            "num_layers": num_layers,
-            "width": width,
-            "n_per_class": n,
-            "lr": lr,
-            "max_steps": steps,
-            "tol_grad": 0.0,
-            "tol_rel": 0.0,
-        },
-    }
-    rows = _sweep(out, spec, resume, on_row, on_start, overwrite)
+    grid = {"lambda": list(lambdas), "seed": list(seeds)}
+    fixed = {"num_classes": num_classes, "num_layers": num_layers, "width": width, "n_per_class": n, "lr": lr}
+    rows = _sweep(out, _gd_spec(grid, fixed, steps), resume, on_row, on_start, overwrite)
     summary = []
     for lam, rs in _by(rows, "lambda_h").items():
         ranks = [r["rank_pre_last"] for r in rs if r.get("rank_pre_last") is not None]
@@ -250,20 +244,9 @@ def dnc_vs_width(
 ) -> list[dict[str, Any]]:
     """The fraction of seeds that reach DNC (verdict ``"dnc"``) against the width (diverged runs count as not)."""
     out = Path(out)
-    spec = {
-        "grid": {"width": list(widths), "seed": list(seeds)},
-        "fixed": {
-            "num_classes": num_classes,
-            "num_layers": num_layers,
-            "lambda": lam,
-            "n_per_class": n,
-            "lr": lr,
-            "max_steps": steps,
-            "tol_grad": 0.0,
-            "tol_rel": 0.0,
-        },
-    }
-    rows = _sweep(out, spec, resume, on_row, on_start, overwrite)
+    grid = {"width": list(widths), "seed": list(seeds)}
+    fixed = {"num_classes": num_classes, "num_layers": num_layers, "lambda": lam, "n_per_class": n, "lr": lr}
+    rows = _sweep(out, _gd_spec(grid, fixed, steps), resume, on_row, on_start, overwrite)
     summary = []
     for w, rs in _by(rows, "width").items():
         ratios = [r["ratio_dnc"] for r in rs if r.get("ratio_dnc") is not None]
