@@ -35,10 +35,11 @@ def shard_loader(x: torch.Tensor, y: torch.Tensor, rank: int, world: int) -> lis
     return [(xs[i : i + 16], ys[i : i + 16]) for i in range(0, len(xs), 16)]
 
 
-def worker(rank: int, out: str) -> None:
-    # rendezvous through a file: no port to pick, so no race with other processes on the machine
-    store = (Path(out) / "store").as_posix()
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+def worker(rank: int, out: str, port: int) -> None:
+    # The parent owns the rendezvous store (on a port the OS picked), so no port race with other processes
+    # and no store file that one rank could remove while the other still tears down.
+    store = dist.TCPStore("127.0.0.1", port, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
         x, y = data()
@@ -51,13 +52,16 @@ def worker(rank: int, out: str) -> None:
         one.end_pass()
         stats = one.compute()
         torch.save({"probe": res, "sigma_w": stats.sigma_w, "means": stats.means}, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # both ranks done with every collective before either tears gloo down
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_two_gloo_processes_equal_one(tmp_path: Path) -> None:
-    mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    mp.spawn(worker, args=(str(tmp_path), store.port), nprocs=WORLD, join=True)
+    del store
     x, y = data()
     full = DNCProbe(model(), layers=("linear", "relu"), num_classes=K).measure([(x[:100], y[:100]), (x[100:], y[100:])])
     acc = ClassAccumulator(K, passes=1, cov="full")
