@@ -28,6 +28,7 @@ from deepcollapse.accumulate import (
 )
 from deepcollapse.metrics import cdnv, class_stats, dnc_metrics, nc1, nc2_etf, nc2_orth, nc4
 from deepcollapse.validate import DeepCollapseError
+from reference import np_dnc
 
 RTOL = 1e-8
 
@@ -40,36 +41,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def np_reference(h: np.ndarray, y: np.ndarray, k: int) -> dict[str, object]:
     """Direct full-data formulas (PAPER.md section 7) in float64 numpy."""
-    h = np.asarray(h, dtype=np.float64).reshape(len(h), -1)
-    n = len(h)
-    counts = np.bincount(y, minlength=k)
-    means = np.stack([h[y == c].mean(0) for c in range(k)])
-    e = h - means[y]
-    sw = e.T @ e / n
-    mbar = means - h.mean(0)
-    sb = mbar.T @ mbar / k
-    var = np.array([(e[y == c] ** 2).sum(1).mean() for c in range(k)])
-    dist2 = ((means[:, None] - means[None]) ** 2).sum(-1)
-    iu = np.triu_indices(k, 1)
-    cd = ((var[:, None] + var[None])[iu] / (2 * dist2[iu])).mean()
-    pred = ((h[:, None, :] - means[None]) ** 2).sum(-1).argmin(1)
-
-    def gram_dist(g: np.ndarray, t: np.ndarray) -> float:
-        return float(np.linalg.norm(g / np.linalg.norm(g) - t / np.linalg.norm(t)))
-
-    return {
-        "counts": counts,
-        "means": means,
-        "sigma_w": sw,
-        "within_trace": var,
-        "means_sigma_w": (means - h.mean(0)) @ sw @ (means - h.mean(0)).T,  # about the sample mean
-        "ncc_correct": np.bincount(y[pred == y], minlength=k),
-        "nc1": float(np.trace(sw @ np.linalg.pinv(sb, rtol=1e-10, hermitian=True)) / k),
-        "nc2_etf": gram_dist(mbar @ mbar.T, np.eye(k) - 1.0 / k),
-        "nc2_orth": gram_dist(means @ means.T, np.eye(k)),
-        "nc4": float((pred == y).mean()),
-        "cdnv": float(cd),
-    }
+    return np_dnc(h, y, k)
 
 
 def planted(n: int = 240, d: int = 12, k: int = 5, *, seed: int = 0, noise: float = 1.0, offset: float = 0.0):

@@ -10,6 +10,7 @@ from torch import nn
 from deepcollapse import DNCProbe
 from deepcollapse.probe import resolve_layers
 from deepcollapse.validate import DeepCollapseError
+from reference import np_dnc
 
 K = 10
 
@@ -52,41 +53,13 @@ def cnn() -> nn.Sequential:
     ).double()
 
 
+METRIC_KEYS = ("nc1", "nc2_etf", "nc2_orth", "nc4", "cdnv", "rank", "dim", "nc3", "nc3_duality")
+
+
 def np_metrics(h: np.ndarray, y: np.ndarray, k: int, weight: np.ndarray | None, inp: np.ndarray | None) -> dict:
-    """Direct formulas on all features at once (float64 numpy)."""
-    h = h.reshape(len(h), -1).astype(np.float64)
-    n = len(h)
-    means = np.stack([h[y == c].mean(0) for c in range(k)])
-    e = h - means[y]
-    sw = e.T @ e / n
-    mbar = means - h.mean(0)
-    sb = mbar.T @ mbar / k
-    var = np.array([(e[y == c] ** 2).sum(1).mean() for c in range(k)])
-    d2 = ((means[:, None] - means[None]) ** 2).sum(-1)
-    iu = np.triu_indices(k, 1)
-
-    def gram_dist(g: np.ndarray, t: np.ndarray) -> float:
-        return float(np.linalg.norm(g / np.linalg.norm(g) - t / np.linalg.norm(t)))
-
-    s = np.linalg.svd(means, compute_uv=False)
-    out = {
-        "nc1": float(np.trace(sw @ np.linalg.pinv(sb, rtol=1e-10, hermitian=True)) / k),
-        "nc2_etf": gram_dist(mbar @ mbar.T, np.eye(k) - 1.0 / k),
-        "nc2_orth": gram_dist(means @ means.T, np.eye(k)),
-        "nc4": float((((h[:, None] - means[None]) ** 2).sum(-1).argmin(1) == y).mean()),
-        "cdnv": float(((var[:, None] + var[None])[iu] / (2 * d2[iu])).mean()),
-        "rank": float((s > 1e-3 * s.max()).sum()),
-        "dim": float(h.shape[1]),
-    }
-    if weight is not None and inp is not None:
-        inp, weight = inp.reshape(len(inp), -1).astype(np.float64), weight.astype(np.float64)
-        mi = np.stack([inp[y == c].mean(0) for c in range(k)])
-        proj = weight @ np.linalg.pinv(mi, rtol=1e-10) @ mi
-        out["nc3"] = float(np.linalg.norm(weight - proj) / np.linalg.norm(weight))
-        if weight.shape[0] == k:
-            mib = mi - inp.mean(0)
-            out["nc3_duality"] = float(np.linalg.norm(weight / np.linalg.norm(weight) - mib / np.linalg.norm(mib)))
-    return out
+    """The metrics the probe reports, from the shared numpy reference on all features at once."""
+    ref = np_dnc(h, y, k, weight=weight, inp=inp)
+    return {key: ref[key] for key in METRIC_KEYS if key in ref}
 
 
 def reference(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor) -> dict[str, dict]:
