@@ -21,7 +21,7 @@ from torch import nn
 
 from deepcollapse import DUFM, DUFMConfig
 from deepcollapse import theory as T
-from deepcollapse.solve import SolverConfig, solve
+from deepcollapse.dufm.solve import SolverConfig, solve
 
 K, L, N_PER, LAM, WIDTH = 2, 4, 5, 0.004, 16
 GAP = 1e-6

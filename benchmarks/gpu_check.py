@@ -55,7 +55,7 @@ def device_info() -> dict[str, Any]:
 def dufm_match() -> dict[str, Any]:
     from deepcollapse import DUFM, DUFMConfig
     from deepcollapse import theory as T
-    from deepcollapse.solve import SolverConfig, solve
+    from deepcollapse.dufm.solve import SolverConfig, solve
 
     kw = dict(num_classes=2, n_per_class=10, num_layers=3, width=16, lambda_h=2e-3, lambda_w=2e-3, seed=0)
     out: dict[str, Any] = {}
@@ -76,7 +76,7 @@ def dufm_match() -> dict[str, Any]:
 @section("dufm_gd_throughput")
 def dufm_throughput() -> dict[str, Any]:
     from deepcollapse import DUFM, DUFMConfig
-    from deepcollapse.solve import SolverConfig, solve
+    from deepcollapse.dufm.solve import SolverConfig, solve
 
     out: dict[str, Any] = {}
     for name, kw in {

@@ -12,7 +12,7 @@ bank of pre-generated blocks: a stand-in for reading stored features), so both m
   float32), loop over classes for a float32 within-class covariance ``Σ_W`` (D x D), ``pinv`` of the D x D
   ``Σ_B``, ``NC1 = tr(Σ_W Σ_B⁺)/K``; NC2 from the centred means; NC3 (self-duality, not squared) against a
   fixed classifier ``W``; NC4 from ``cdist`` of all features to the means.
-* **streamed** -- :func:`deepcollapse.accumulate.accumulate_stats` (two passes over the source, float64,
+* **streamed** -- :func:`deepcollapse.measure.accumulate.accumulate_stats` (two passes over the source, float64,
   light O(K·D) state by default) and the metric functions of :mod:`deepcollapse.metrics`.
 
 Both run single-threaded by default (``--threads``): on a small shared machine, two OpenMP threads make every
@@ -101,8 +101,8 @@ def baseline(cfg: dict[str, Any]) -> dict[str, float]:
 
 def streamed(cfg: dict[str, Any]) -> dict[str, float]:
     """Two streamed passes into float64 sufficient statistics, metrics from deepcollapse.metrics."""
-    from deepcollapse.accumulate import accumulate_stats
-    from deepcollapse.metrics import nc1, nc2_etf, nc3, nc4
+    from deepcollapse.measure.accumulate import accumulate_stats
+    from deepcollapse.measure.metrics import nc1, nc2_etf, nc3, nc4
 
     n, d, k = cfg["n"], cfg["d"], cfg["k"]
     stats = accumulate_stats(lambda: source(n, d, k, cfg["batch"]), k, cov=cfg["cov"])

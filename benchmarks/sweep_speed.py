@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from deepcollapse.batched import GDOptions, train_batched
-from deepcollapse.dufm import DUFM, DUFMConfig
+from deepcollapse.dufm.batched import GDOptions, train_batched
+from deepcollapse.dufm.model import DUFM, DUFMConfig
 
 
 def make_configs(count: int) -> tuple[list[DUFMConfig], list[float]]:

@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deepcollapse.accumulate import (
+from deepcollapse._validate import DeepCollapseError
+from deepcollapse.measure.accumulate import (
     ClassAccumulator,
     accumulate_stats,
     batch_welford,
@@ -26,8 +27,7 @@ from deepcollapse.accumulate import (
     update_spread,
     welford_stats,
 )
-from deepcollapse.metrics import cdnv, class_stats, dnc_metrics, nc1, nc2_etf, nc2_orth, nc4
-from deepcollapse.validate import DeepCollapseError
+from deepcollapse.measure.metrics import cdnv, class_stats, dnc_metrics, nc1, nc2_etf, nc2_orth, nc4
 from reference import np_dnc
 
 RTOL = 1e-8

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from deepcollapse.analysis import analyze_solution, plot_spectra, verdict
-from deepcollapse.dufm import DUFMConfig
-from deepcollapse.io import to_jsonable
-from deepcollapse.lowrank import srg_loss, srg_parameters
-from deepcollapse.theory import dnc_loss, optimal_parameters
+from deepcollapse.dufm.model import DUFMConfig
+from deepcollapse.files import to_jsonable
+from deepcollapse.theory.analysis import analyze_solution, plot_spectra, verdict
+from deepcollapse.theory.closed_form import dnc_loss, optimal_parameters
+from deepcollapse.theory.lowrank import srg_loss, srg_parameters
 
 
 def test_dnc_optimum_is_dnc():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepcollapse.batched import GDOptions, batched_objective, stack_init, train_batched
-from deepcollapse.dufm import DUFM, DUFMConfig, label_matrix, objective
-from deepcollapse.validate import DeepCollapseError
+from deepcollapse._validate import DeepCollapseError
+from deepcollapse.dufm.batched import GDOptions, batched_objective, stack_init, train_batched
+from deepcollapse.dufm.model import DUFM, DUFMConfig, label_matrix, objective
 
 
 def _configs():

@@ -11,6 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from deepcollapse.cli import measure as measure_cmd
+from deepcollapse.measure.readers import load_inputs
 
 runner = CliRunner()
 
@@ -163,7 +164,7 @@ def test_bad_input_messages(tmp_path: Path, arrays) -> None:
 def test_npz_members_are_read_in_chunks(tmp_path: Path, arrays) -> None:
     f = tmp_path / "f.npz"
     np.savez_compressed(f, **arrays)
-    layers, labels = measure_cmd.load_inputs(f, None)
+    layers, labels = load_inputs(f, None)
     chunks = list(layers[1].chunks(128))
     assert [c.shape for c in chunks] == [(128, 2, 3), (128, 2, 3), (44, 2, 3)]
     np.testing.assert_array_equal(np.concatenate(chunks), arrays["layer_b"])

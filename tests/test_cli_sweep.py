@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from deepcollapse.cli import app
-from deepcollapse.io import read_csv, read_json
+from deepcollapse.files import read_csv, read_json
 
 runner = CliRunner()
 SPEC = {

@@ -11,7 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from deepcollapse.cli import train as train_cmd
-from deepcollapse.io import read_csv
+from deepcollapse.files import read_csv
 
 runner = CliRunner()
 

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from deepcollapse.data import (
+from deepcollapse._validate import DeepCollapseError
+from deepcollapse.nets.data import (
     FASHION_MNIST_DIR,
     DataConfig,
     load_dataset,
     read_idx,
     take_per_class,
 )
-from deepcollapse.validate import DeepCollapseError
 
 
 def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> None:

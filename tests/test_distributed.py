@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from deepcollapse import DNCProbe
-from deepcollapse.accumulate import ClassAccumulator
+from deepcollapse.measure.accumulate import ClassAccumulator
 
 K, N, D, WORLD = 4, 240, 20, 2
 

@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepcollapse.dufm import DUFM, DUFMConfig, forward, label_matrix, labels_from_counts, layer_metrics, objective
-from deepcollapse.validate import DeepCollapseError
+from deepcollapse._validate import DeepCollapseError
+from deepcollapse.dufm.model import (
+    DUFM,
+    DUFMConfig,
+    forward,
+    label_matrix,
+    labels_from_counts,
+    layer_metrics,
+    objective,
+)
 
 
 def test_label_matrix_is_kronecker_for_balanced_classes():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from deepcollapse.io import append_csv_rows, prepare_out_dir, read_csv, write_csv, write_json
-from deepcollapse.validate import DeepCollapseError
+from deepcollapse._validate import DeepCollapseError
+from deepcollapse.files import append_csv_rows, prepare_out_dir, read_csv, write_csv, write_json
 
 
 def test_csv_round_trip_keeps_keys_as_text(tmp_path):

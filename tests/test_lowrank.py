@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from deepcollapse.dufm import DUFMConfig, forward, label_matrix, objective
-from deepcollapse.lowrank import (
+from deepcollapse._validate import DeepCollapseError
+from deepcollapse.dufm.model import DUFMConfig, forward, label_matrix, objective
+from deepcollapse.theory.closed_form import dnc_constant, dnc_loss
+from deepcollapse.theory.lowrank import (
     incidence_matrix,
     reference_kappa,
     reference_theta,
@@ -19,8 +21,6 @@ from deepcollapse.lowrank import (
     srg_parameters,
     srg_solution,
 )
-from deepcollapse.theory import dnc_constant, dnc_loss
-from deepcollapse.validate import DeepCollapseError
 
 LAM, N = 0.004, 5
 

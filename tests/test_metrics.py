@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepcollapse import metrics as M
-from deepcollapse.validate import DeepCollapseError
+from deepcollapse._validate import DeepCollapseError
 
 # ---------------------------------------------------------------- numpy reference (written from PAPER.md §7)
 

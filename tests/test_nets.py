@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepcollapse.dufm import forward as dufm_forward
-from deepcollapse.nets import DUFMHead, NetConfig, build_net
-from deepcollapse.validate import DeepCollapseError
+from deepcollapse._validate import DeepCollapseError
+from deepcollapse.dufm.model import forward as dufm_forward
+from deepcollapse.nets.models import DUFMHead, NetConfig, build_net
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from deepcollapse import DNCProbe
-from deepcollapse.probe import resolve_layers
-from deepcollapse.validate import DeepCollapseError
+from deepcollapse._validate import DeepCollapseError
+from deepcollapse.measure.probe import resolve_layers
 from reference import np_dnc
 
 K = 10

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from deepcollapse import theory as T
-from deepcollapse.dufm import DUFM, DUFMConfig
-from deepcollapse.solve import SolverConfig, load_checkpoint, solve
-from deepcollapse.validate import DeepCollapseError, DivergenceError
+from deepcollapse._validate import DeepCollapseError, DivergenceError
+from deepcollapse.dufm.model import DUFM, DUFMConfig
+from deepcollapse.dufm.solve import SolverConfig, load_checkpoint, solve
 
 
 def dnc(cfg: DUFMConfig) -> float:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from deepcollapse.sweep import expand_spec, read_results, run_sweep, spec_hash, validate_spec
-from deepcollapse.validate import DeepCollapseError
+from deepcollapse._validate import DeepCollapseError
+from deepcollapse.experiments.sweep import expand_spec, read_results, run_sweep, spec_hash, validate_spec
 
 SPEC = {
     "grid": {"seed": [0, 1, 2], "lambda": [0.003, 0.005]},

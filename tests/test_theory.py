@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from deepcollapse import theory as T
-from deepcollapse.dufm import DUFM, DUFMConfig, objective
-from deepcollapse.validate import DeepCollapseError
+from deepcollapse._validate import DeepCollapseError
+from deepcollapse.dufm.model import DUFM, DUFMConfig, objective
 
 # PAPER.md section 4: values checked against gradient descent to 6+ digits.
 PAPER_VALUES = [

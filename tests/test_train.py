@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from deepcollapse import theory
-from deepcollapse.data import DataConfig, Dataset, load_dataset
-from deepcollapse.dufm import DUFMConfig, labels_from_counts, objective
-from deepcollapse.io import read_csv
-from deepcollapse.nets import NetConfig
-from deepcollapse.train import (
+from deepcollapse._validate import DeepCollapseError, DivergenceError
+from deepcollapse.dufm.model import DUFMConfig, labels_from_counts, objective
+from deepcollapse.files import read_csv
+from deepcollapse.nets.data import DataConfig, Dataset, load_dataset
+from deepcollapse.nets.models import NetConfig
+from deepcollapse.nets.train import (
     PRESETS,
     TrainConfig,
     compare_with_theory,
@@ -24,7 +25,6 @@ from deepcollapse.train import (
     make_config,
     train,
 )
-from deepcollapse.validate import DeepCollapseError, DivergenceError
 
 NET = NetConfig(backbone="mlp", mlp_width=32, mlp_depth=1, feature_dim=8, head_layers=3, head_width=8)
 

@@ -1,7 +1,7 @@
 """The ``deepcollapse`` command: thin wrappers over the Python API.
 
 Each sub-command lives in its own module with a ``register(app)`` function. Errors that users cause
-(:class:`~deepcollapse.validate.DeepCollapseError`) are printed as one line with exit code 1, never as a
+(:class:`~deepcollapse._validate.DeepCollapseError`) are printed as one line with exit code 1, never as a
 traceback.
 """
 
@@ -11,8 +11,8 @@ import sys
 
 import typer
 
-from ..validate import DeepCollapseError
-from . import dufm, measure, sweep, train
+from deepcollapse._validate import DeepCollapseError
+from deepcollapse.cli import dufm, measure, sweep, train
 
 app = typer.Typer(
     name="deepcollapse",

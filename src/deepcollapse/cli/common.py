@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..validate import DeepCollapseError
+from deepcollapse._validate import DeepCollapseError
 
 F = TypeVar("F", bound=Callable[..., Any])
 

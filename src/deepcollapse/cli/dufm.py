@@ -8,10 +8,10 @@ from typing import Annotated
 
 import typer
 
-from ..dufm import DUFMConfig
-from ..runs import run_dufm
-from ..solve import OPTIMIZERS, SolverConfig
-from .common import console, fmt, handle_errors, parse_list, print_table, resolve_device
+from deepcollapse.cli.common import console, fmt, handle_errors, parse_list, print_table, resolve_device
+from deepcollapse.dufm.model import DUFMConfig
+from deepcollapse.dufm.solve import OPTIMIZERS, SolverConfig
+from deepcollapse.experiments.dufm_run import run_dufm
 
 DEFAULT_STEPS = {"gd": 100_000, "lbfgs": 2_000, "nesterov": 50_000, "adam": 50_000}
 
@@ -34,8 +34,8 @@ def theory_cmd(
     """Closed forms for the DNC optimum: L_DNC, s, C, per-layer norms and the zero-solution threshold."""
     import json
 
-    from .. import theory
-    from ..io import to_jsonable
+    from deepcollapse.files import to_jsonable
+    from deepcollapse.theory import closed_form as theory
 
     sol = theory.dnc_solution(
         num_classes=classes,

@@ -10,8 +10,8 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..validate import DeepCollapseError
-from .common import console, handle_errors, parse_list, print_table
+from deepcollapse._validate import DeepCollapseError
+from deepcollapse.cli.common import console, handle_errors, parse_list, print_table
 
 lowrank_app = typer.Typer(
     name="lowrank",
@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Train every configuration of SPEC, appending one row per configuration to OUT/results.csv."""
-        from ..sweep import load_spec, read_results, run_sweep
+        from deepcollapse.experiments.sweep import load_spec, read_results, run_sweep
 
         if backend not in ("local", "ray"):
             raise DeepCollapseError(f"--backend must be local or ray, got {backend!r}")
@@ -142,7 +142,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/lowrank_table"),
     ) -> None:
         """L_SRG / L_DNC against r for each depth (the SRG construction, optimized over its scales)."""
-        from ..experiments import srg_table_experiment
+        from deepcollapse.experiments.lowrank import srg_table_experiment
 
         ls, rs = parse_list("--layers", layers, int), parse_list("--r", r, int)
         ls, rs = ls if isinstance(ls, list) else [ls], rs if isinstance(rs, list) else [rs]
@@ -173,7 +173,7 @@ def register(app: typer.Typer) -> None:
         overwrite: Annotated[bool, typer.Option(help="replace a run already in --out")] = False,
     ) -> None:
         """GD on the follow-up's setting: loss against L_DNC and L_SRG, class-mean ranks per layer."""
-        from ..experiments import gd_lowrank
+        from deepcollapse.experiments.lowrank import gd_lowrank
 
         with console.status(f"training {seeds} DUFMs for {steps} GD steps (batched)"):
             rows = gd_lowrank(
@@ -218,7 +218,7 @@ def register(app: typer.Typer) -> None:
         overwrite: Annotated[bool, typer.Option(help="replace a run already in --out")] = False,
     ) -> None:
         """Average rank of the class means before the last ReLU against the weight decay (K=10, L=4)."""
-        from ..experiments import rank_vs_wd
+        from deepcollapse.experiments.lowrank import rank_vs_wd
 
         lams = parse_list("--lambdas", lambdas, float)
         _sweep_experiment(
@@ -246,7 +246,7 @@ def register(app: typer.Typer) -> None:
         overwrite: Annotated[bool, typer.Option(help="replace a run already in --out")] = False,
     ) -> None:
         """The fraction of seeds whose GD solution is DNC against the width (K=10, L=4)."""
-        from ..experiments import dnc_vs_width
+        from deepcollapse.experiments.lowrank import dnc_vs_width
 
         ws = parse_list("--widths", widths, int)
         _sweep_experiment(

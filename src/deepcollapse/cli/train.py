@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .common import console, handle_errors, parse_list, print_table, resolve_device
+from deepcollapse.cli.common import console, handle_errors, parse_list, print_table, resolve_device
 
 
 def _classes(text: str | None) -> list[int] | None:
@@ -149,7 +149,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a backbone + L-layer MLP DUFM head on real data, measure DNC per layer every epoch, and
         compare the head with the DUFM optimum (L_DNC)."""
-        from ..train import make_config, train
+        from deepcollapse.nets.train import make_config, train
 
         options = {
             "dataset": dataset, "data_dir": data_dir, "classes": _classes(classes), "per_class": per_class,

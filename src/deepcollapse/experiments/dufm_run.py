@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from . import plots, theory
-from .dufm import DUFM, DUFMConfig
-from .io import prepare_out_dir, write_csv, write_json
-from .solve import SolverConfig, SolveResult, load_checkpoint, solve
-from .validate import DeepCollapseError, DivergenceError
+from deepcollapse import plots
+from deepcollapse._validate import DeepCollapseError, DivergenceError
+from deepcollapse.dufm.model import DUFM, DUFMConfig
+from deepcollapse.dufm.solve import SolverConfig, SolveResult, load_checkpoint, solve
+from deepcollapse.files import prepare_out_dir, write_csv, write_json
+from deepcollapse.theory import closed_form as theory
 
 __all__ = ["RunOutput", "run_dufm", "summarize"]
 
@@ -92,7 +93,7 @@ def summarize(model: DUFM, result: SolveResult, solver: SolverConfig, *, analysi
         summary["check"] = theory.check(model.h1, list(model.weights), cfg)
     if analysis:
         try:
-            from .analysis import analyze_solution
+            from deepcollapse.theory.analysis import analyze_solution
         except ImportError:  # pragma: no cover - the analysis module is optional while it is developed
             pass
         else:
@@ -101,7 +102,7 @@ def summarize(model: DUFM, result: SolveResult, solver: SolverConfig, *, analysi
 
 
 def _versions() -> dict[str, str]:
-    from . import __version__
+    from deepcollapse import __version__
 
     return {"deepcollapse": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
@@ -198,7 +199,7 @@ def draw_plots(out: Path, history: list[dict[str, Any]], summary: dict[str, Any]
     )
     if "analysis" in summary:
         try:
-            from .analysis import plot_spectra
+            from deepcollapse.theory.analysis import plot_spectra
         except ImportError:  # pragma: no cover
             return
         plot_spectra(summary["analysis"], out / "spectra.png")

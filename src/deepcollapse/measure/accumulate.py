@@ -44,8 +44,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .metrics import ClassStats
-from .validate import DeepCollapseError, check_finite, check_labels
+from deepcollapse._validate import DeepCollapseError, check_finite, check_labels
+from deepcollapse.measure.metrics import ClassStats
 
 __all__ = [
     "DEFAULT_MAX_COV_BYTES",

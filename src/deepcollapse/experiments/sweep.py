@@ -18,7 +18,7 @@ configuration is validated before anything runs; errors name the key and the con
 Results go to ``DIR/results.csv``, one row per configuration, appended (and fsynced) as each one
 finishes, so a killed sweep loses only the runs in flight; ``DIR/sweep.json`` keeps the spec and its
 hash. ``resume=True`` skips the rows already in the table and refuses a table written for another spec.
-The local backend trains configurations with the same shapes together (:mod:`deepcollapse.batched`) on
+The local backend trains configurations with the same shapes together (:mod:`deepcollapse.dufm.batched`) on
 all cores; ``backend="ray"`` sends batches to a Ray cluster (``pip install 'deepcollapse[ray]'``).
 """
 
@@ -37,10 +37,10 @@ from typing import Any
 
 import torch
 
-from .batched import BatchResult, GDOptions, shape_key, train_batched
-from .dufm import DUFMConfig
-from .io import append_csv_rows, prepare_out_dir, read_csv, read_json, write_json
-from .validate import DeepCollapseError, check_positive_int
+from deepcollapse._validate import DeepCollapseError, check_positive_int
+from deepcollapse.dufm.batched import BatchResult, GDOptions, shape_key, train_batched
+from deepcollapse.dufm.model import DUFMConfig
+from deepcollapse.files import append_csv_rows, prepare_out_dir, read_csv, read_json, write_json
 
 __all__ = [
     "DUFM_KEYS",
@@ -246,7 +246,7 @@ def result_row(item: Mapping[str, Any], res: BatchResult, *, analysis: bool = Tr
         seconds=round(res.seconds, 3),
     )
     if analysis and res.stop_reason != "diverged":
-        from .analysis import analyze_solution
+        from deepcollapse.theory.analysis import analyze_solution
 
         a = analyze_solution(res.h1, res.weights, res.config)
         row.update(

@@ -51,9 +51,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dufm import DUFMConfig, label_matrix, labels_from_counts, objective
-from .theory import dnc_loss, dnc_objective, optimal_scale
-from .validate import DeepCollapseError, check_nonneg, check_positive_int, per_layer
+from deepcollapse._validate import DeepCollapseError, check_nonneg, check_positive_int, per_layer
+from deepcollapse.dufm.model import DUFMConfig, label_matrix, labels_from_counts, objective
+from deepcollapse.theory.closed_form import dnc_loss, dnc_objective, optimal_scale
 
 __all__ = [
     "SRGSolution",
@@ -309,7 +309,7 @@ class SRGSolution:
 def _solve_cached(
     r: int, num_layers: int, n: int, lambda_h: float, lw: tuple[float, ...], restarts: int, seed: int
 ) -> SRGSolution:
-    from . import metrics as M
+    from deepcollapse.measure import metrics as M
 
     L, k = num_layers, r * (r - 1) // 2
     kw = {"r": r, "num_layers": L, "n": n, "lambda_h": lambda_h, "lambda_w": list(lw)}

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .validate import DeepCollapseError
+from deepcollapse._validate import DeepCollapseError
 
 __all__ = [
     "append_csv_rows",

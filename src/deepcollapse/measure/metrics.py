@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .validate import DeepCollapseError, check_finite, check_labels
+from deepcollapse._validate import DeepCollapseError, check_finite, check_labels
 
 __all__ = [
     "ClassStats",

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .validate import DeepCollapseError, check_positive_int
+from deepcollapse._validate import DeepCollapseError, check_positive_int
 
 __all__ = [
     "BACKBONES",

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .validate import DeepCollapseError, check_positive_int, check_real
+from deepcollapse._validate import DeepCollapseError, check_positive_int, check_real
 
 __all__ = [
     "DATASETS",

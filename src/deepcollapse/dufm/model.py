@@ -26,14 +26,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import metrics as M
-from .validate import (
+from deepcollapse._validate import (
     DeepCollapseError,
     check_nonneg,
     check_positive_int,
     check_real,
     per_layer,
 )
+from deepcollapse.measure import metrics as M
 
 __all__ = [
     "DUFM",

@@ -36,9 +36,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from . import metrics as M
-from .dufm import DUFMConfig, forward, labels_from_counts, objective
-from .validate import DeepCollapseError, check_nonneg, check_positive_int, per_layer
+from deepcollapse._validate import DeepCollapseError, check_nonneg, check_positive_int, per_layer
+from deepcollapse.dufm.model import DUFMConfig, forward, labels_from_counts, objective
+from deepcollapse.measure import metrics as M
 
 __all__ = [
     "DNCSolution",

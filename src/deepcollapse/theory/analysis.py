@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import metrics as M
-from .dufm import DUFMConfig, forward, label_matrix, labels_from_counts, objective
-from .lowrank import srg_loss, srg_order
-from .theory import dnc_loss
+from deepcollapse.dufm.model import DUFMConfig, forward, label_matrix, labels_from_counts, objective
+from deepcollapse.measure import metrics as M
+from deepcollapse.theory.closed_form import dnc_loss
+from deepcollapse.theory.lowrank import srg_loss, srg_order
 
 __all__ = ["analyze_solution", "plot_spectra", "verdict"]
 
@@ -144,7 +144,7 @@ def plot_spectra(analysis: dict[str, Any], path: str | Path, *, title: str | Non
 
     The dotted line is ``rank_rtol``: the numerical rank counts the values above it.
     """
-    from .plots import _plt
+    from deepcollapse.plots import _plt
 
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)

@@ -6,7 +6,7 @@
 - :func:`rank_vs_wd`: average rank of the class means before the last ReLU against the weight decay.
 - :func:`dnc_vs_width`: the fraction of seeds whose solution is DNC against the width.
 
-The last two are sweeps (:mod:`deepcollapse.sweep`), so they are resumable; every function writes its
+The last two are sweeps (:mod:`deepcollapse.experiments.sweep`), so they are resumable; every function writes its
 table and a PNG into ``out`` and returns the rows.
 """
 
@@ -18,18 +18,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .analysis import analyze_solution, plot_spectra
-from .batched import GDOptions, train_batched
-from .dufm import DUFMConfig
-from .io import prepare_out_dir, write_csv, write_json
-from .lowrank import srg_table
-from .sweep import read_results, run_sweep
+from deepcollapse.dufm.batched import GDOptions, train_batched
+from deepcollapse.dufm.model import DUFMConfig
+from deepcollapse.experiments.sweep import read_results, run_sweep
+from deepcollapse.files import prepare_out_dir, write_csv, write_json
+from deepcollapse.theory.analysis import analyze_solution, plot_spectra
+from deepcollapse.theory.lowrank import srg_table
 
 __all__ = ["dnc_vs_width", "gd_lowrank", "rank_vs_wd", "srg_table_experiment"]
 
 
 def _plt():
-    from .plots import _plt as plt
+    from deepcollapse.plots import _plt as plt
 
     return plt()
 

@@ -2,7 +2,7 @@ r"""Measure deep neural collapse in any PyTorch model: a streaming per-layer pro
 
 :class:`DNCProbe` attaches forward hooks to chosen modules, flattens each module's output per sample to
 ``h_i`` (``D`` = product of the non-batch dimensions), streams a data loader through the model under
-``torch.no_grad()`` and feeds :class:`~deepcollapse.accumulate.ClassAccumulator` (float64, on the features'
+``torch.no_grad()`` and feeds :class:`~deepcollapse.measure.accumulate.ClassAccumulator` (float64, on the features'
 device). The metrics come from :func:`deepcollapse.metrics.dnc_metrics` and
 :func:`deepcollapse.metrics.nc3`; nothing is re-derived here.
 
@@ -38,9 +38,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .accumulate import DEFAULT_MAX_COV_BYTES, ClassAccumulator
-from .metrics import ClassStats, Weighting, dnc_metrics, nc3
-from .validate import DeepCollapseError, check_labels
+from deepcollapse._validate import DeepCollapseError, check_labels
+from deepcollapse.measure.accumulate import DEFAULT_MAX_COV_BYTES, ClassAccumulator
+from deepcollapse.measure.metrics import ClassStats, Weighting, dnc_metrics, nc3
 
 __all__ = ["SHORTHANDS", "DNCProbe", "resolve_layers"]
 
@@ -172,7 +172,7 @@ class DNCProbe:
         2 (default): exact two-pass statistics, NC4 included. 1: one Welford/Chan pass (needs ``D x D``
         state per layer, no NC4); for one-shot iterators.
     cov : "auto", "full" or "light"
-        Per layer, keep the ``D x D`` ``Σ_W`` or only ``O(K·D)`` state (see :mod:`deepcollapse.accumulate`).
+        Per layer, keep the ``D x D`` ``Σ_W`` or only ``O(K·D)`` state (see :mod:`deepcollapse.measure.accumulate`).
     max_cov_bytes : int
         ``cov="auto"`` keeps ``Σ_W`` while ``8 D²`` bytes fit.
     normalize, weighting, rank_rtol :

@@ -12,7 +12,7 @@ L-BFGS from a fresh memory.
 
 A run stops at the first of: gradient norm ``||∇L||_2 <= tol_grad``; relative loss change
 ``|L_t - L_{t-1}| / L_t <= tol_rel`` on ``patience`` consecutive steps; ``max_steps``; a non-finite
-loss (:class:`~deepcollapse.validate.DivergenceError`, raised after the history is kept on the result).
+loss (:class:`~deepcollapse._validate.DivergenceError`, raised after the history is kept on the result).
 The history holds the loss parts and, at log-spaced steps, the per-layer DNC metrics.
 
 A checkpoint (:func:`save_checkpoint`) is the whole solver state -- parameters, optimizer state, step,
@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from .dufm import DUFM, DUFMConfig, layer_metrics
-from .io import save_torch
-from .validate import DeepCollapseError, DivergenceError, check_positive_int, check_real
+from deepcollapse._validate import DeepCollapseError, DivergenceError, check_positive_int, check_real
+from deepcollapse.dufm.model import DUFM, DUFMConfig, layer_metrics
+from deepcollapse.files import save_torch
 
 __all__ = [
     "OPTIMIZERS",

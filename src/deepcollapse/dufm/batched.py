@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dufm import DUFM, DUFMConfig, label_matrix
-from .validate import DeepCollapseError, check_positive_int, check_real
+from deepcollapse._validate import DeepCollapseError, check_positive_int, check_real
+from deepcollapse.dufm.model import DUFM, DUFMConfig, label_matrix
 
 __all__ = [
     "BatchResult",

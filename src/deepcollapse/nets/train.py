@@ -36,13 +36,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import metrics as M
-from . import theory
-from .data import DataConfig, Dataset, load_dataset
-from .dufm import DUFMConfig, objective
-from .io import prepare_out_dir, read_json, save_torch, write_csv, write_json
-from .nets import DUFMNet, NetConfig, build_net
-from .validate import DeepCollapseError, DivergenceError, check_nonneg, check_positive_int, check_real
+from deepcollapse._validate import DeepCollapseError, DivergenceError, check_nonneg, check_positive_int, check_real
+from deepcollapse.dufm.model import DUFMConfig, objective
+from deepcollapse.files import prepare_out_dir, read_json, save_torch, write_csv, write_json
+from deepcollapse.measure import metrics as M
+from deepcollapse.nets.data import DataConfig, Dataset, load_dataset
+from deepcollapse.nets.models import DUFMNet, NetConfig, build_net
+from deepcollapse.theory import closed_form as theory
 
 __all__ = [
     "LOSSES",
@@ -716,7 +716,7 @@ def _finish(
     device: torch.device,
 ) -> dict[str, Any]:
     """Final measurements on the whole training set, the theory comparison, plots and ``summary.json``."""
-    from .plots import plot_loss, plot_metric_curves
+    from deepcollapse.plots import plot_loss, plot_metric_curves
 
     k = data.num_classes
     h1, hidden, outp = collect_features(model, data.x_train.to(device))
