@@ -1,4 +1,4 @@
-"""The numpy reference for the metric tests: PAPER.md section 7 on all features at once, in float64."""
+"""The numpy reference for the metric tests: docs/conventions.md on all features at once, in float64."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def np_reference(h: np.ndarray, y: np.ndarray, k: int) -> dict[str, object]:
-    """Direct full-data formulas (PAPER.md section 7) in float64 numpy."""
+    """Direct full-data formulas (docs/conventions.md) in float64 numpy."""
     return np_dnc(h, y, k)
 
 

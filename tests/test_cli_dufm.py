@@ -19,7 +19,7 @@ def invoke(*args: str):
 
 
 def test_done_criterion_run(tmp_path):
-    """The issue's 'done means' command: gap < 1e-4, NC1 < 1e-4 at every layer, L_DNC from PAPER.md's formula."""
+    """The issue's 'done means' command: gap < 1e-4, NC1 < 1e-4 at every layer, L_DNC from docs/theory.md."""
     out = tmp_path / "run"
     r = invoke(
         "--classes", "2", "--n-per-class", "10", "--layers", "3", "--width", "16",

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from deepcollapse import metrics as M
 from deepcollapse._validate import DeepCollapseError
 
-# ---------------------------------------------------------------- numpy reference (written from PAPER.md §7)
+# ---------------------------------------------------------------- numpy reference (written from docs/conventions.md)
 
 
 def np_stats(h: np.ndarray, y: np.ndarray, k: int, weighting: str = "samples"):

@@ -1,4 +1,4 @@
-"""Closed forms of deepcollapse.theory against PAPER.md's checked values, the DUFM objective and GD."""
+"""Closed forms of deepcollapse.theory against checked values (docs/theory.md), the DUFM objective and GD."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from deepcollapse import theory as T
 from deepcollapse._validate import DeepCollapseError
 from deepcollapse.dufm.model import DUFM, DUFMConfig, objective
 
-# PAPER.md section 4: values checked against gradient descent to 6+ digits.
-PAPER_VALUES = [
+# docs/theory.md: values checked against gradient descent to 6+ digits.
+CHECKED_VALUES = [
     # K, L, n, lambda, L_DNC, digits
     (2, 3, 5, 0.005, 0.029794, 6),
     (2, 4, 5, 0.004, 0.027533, 6),
@@ -22,7 +22,7 @@ PAPER_VALUES = [
 ]
 
 
-@pytest.mark.parametrize("K, L, n, lam, value, digits", PAPER_VALUES)
+@pytest.mark.parametrize("K, L, n, lam, value, digits", CHECKED_VALUES)
 def test_dnc_loss_matches_paper(K, L, n, lam, value, digits):
     got = T.dnc_loss(num_classes=K, num_layers=L, n=n, lambda_h=lam, lambda_w=lam)
     assert round(got, digits) == pytest.approx(value, abs=10 ** (-digits))

@@ -140,7 +140,7 @@ def test_theory_comparison_at_the_dufm_optimum() -> None:
     dcfg = DUFMConfig(num_classes=2, n_per_class=5, num_layers=3, width=6, lambda_h=5e-3, lambda_w=5e-3)
     h1, ws = theory.optimal_parameters(dcfg)
     res = compare_with_theory(h1.T, ws, labels_from_counts([5, 5]), cfg, num_classes=2)
-    assert res["dnc_loss"] == pytest.approx(0.029794, abs=1e-6)  # PAPER.md section 4
+    assert res["dnc_loss"] == pytest.approx(0.029794, abs=1e-6)  # docs/theory.md
     assert abs(res["gap"]) < 1e-10 and res["n"] == 5
     assert all(e["nc3"] < 1e-10 for e in res["layers"])
     assert all(e["orth_frame"] < 1e-10 for e in res["layers"][1:])

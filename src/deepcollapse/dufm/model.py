@@ -1,4 +1,4 @@
-r"""The L-layer deep unconstrained features model (L-DUFM), PAPER.md section 2.
+r"""The L-layer deep unconstrained features model (L-DUFM), docs/theory.md.
 
 K classes with ``n_c`` samples each (``N = Σ n_c``), one-hot labels ``Y`` (K x N, samples grouped by class).
 Free features ``H_1`` (d_1 x N) and weights ``W_l`` (d_{l+1} x d_l), ``l = 1..L``, ``d_{L+1} = K``;

@@ -1,4 +1,4 @@
-"""The follow-up's experiments (PAPER.md section 5), CPU-sized by default, one function each.
+"""The follow-up's experiments (docs/lowrank.md), CPU-sized by default, one function each.
 
 - :func:`srg_table_experiment`: ``L_SRG / L_DNC`` against r for several depths (theory, no training).
 - :func:`gd_lowrank`: plain GD on K = 10, L = 4, λ = 0.004, width 30 from several seeds; loss against

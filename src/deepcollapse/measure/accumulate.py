@@ -1,4 +1,4 @@
-r"""Streaming float64 sufficient statistics for the NC metrics (PAPER.md section 7).
+r"""Streaming float64 sufficient statistics for the NC metrics (docs/conventions.md).
 
 Features arrive batch by batch as ``(B, ...)`` tensors (flattened to ``(B, D)``) with integer labels in
 ``0..K-1``. The accumulators keep only sufficient statistics, in float64 on the features' device, and end

@@ -1,4 +1,4 @@
-r"""Neural-collapse metrics as pure functions (PAPER.md section 7).
+r"""Neural-collapse metrics as pure functions (docs/conventions.md).
 
 Notation. Features ``h_i`` (rows of an ``(N, D)`` tensor) with labels ``y_i`` in ``0..K-1``; ``n_c`` samples
 in class ``c``; class means ``μ_c`` (rows of ``M``, shape ``(K, D)``); global mean ``μ_G``;

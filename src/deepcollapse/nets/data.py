@@ -1,4 +1,4 @@
-"""Offline data sets for real-network experiments (PAPER.md section 8): no downloads at run time.
+"""Offline data sets for real-network experiments (docs/real-networks.md): no downloads at run time.
 
 Built-in sources
 ----------------

@@ -1,4 +1,4 @@
-r"""Backbones and the MLP "DUFM head" (PAPER.md section 6, experiment 2).
+r"""Backbones and the MLP "DUFM head" (docs/real-networks.md).
 
 A network is ``backbone -> H1 -> head``. The backbone (MLP, small CNN or CIFAR ResNet20) maps an input to
 ``d_1`` features, the rows of ``H_1^T``; it ends with a linear layer, so ``H1`` is unconstrained in sign like

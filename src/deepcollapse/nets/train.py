@@ -1,4 +1,4 @@
-r"""Training a backbone with a DUFM head on real data, with DNC measured every epoch (PAPER.md section 6).
+r"""Training a backbone with a DUFM head on real data, with DNC measured every epoch (docs/real-networks.md).
 
 The training loss is the DUFM objective in the paper's units, with the backbone's output ``H1`` in the
 place of the free features, plus a separate weight decay on the backbone's parameters ``θ``:

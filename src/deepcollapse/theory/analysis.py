@@ -10,7 +10,7 @@ The verdict (``loss_rtol`` default 1e-3):
 - ``"dnc"``: every class-mean matrix of layers 2..L (pre and post) and the output has rank K, and
   ``|loss - L_DNC| <= loss_rtol · L_DNC`` (the DNC optimum of :mod:`deepcollapse.theory`);
 - ``"low-rank"``: the output separates the classes (rank K) but the class means before the last ReLU,
-  ``\tilde H_L``, have rank below K (the follow-up's low-rank solutions, PAPER.md section 5);
+  ``\tilde H_L``, have rank below K (the follow-up's low-rank solutions, docs/lowrank.md);
 - ``"other"``: anything else (a collapsed or zero output, a full-rank point away from ``L_DNC``, L = 1).
 """
 

@@ -1,4 +1,4 @@
-r"""Closed forms for the DNC solution of the L-DUFM (PAPER.md sections 3-4).
+r"""Closed forms for the DNC solution of the L-DUFM (docs/theory.md).
 
 For K classes, n samples per class and L >= 1 layers, the deep-neural-collapse configuration (orthogonal
 frames, balanced scales) has loss
@@ -293,7 +293,7 @@ def optimal_parameters(
     ``H1 = t E_1 ⊗ 1_n^T`` (orthogonal class means of norm ``t``), ``W_1 = (q_2/t) [e_1..e_K] E_1^T``,
     ``W_l = (q_{l+1}/q_l) P_K`` (``P_K`` keeps the first K coordinates), ``W_L = (s/q_L) [I_K 0]``.
     ``h1="antipodal"`` (K = 2 only) uses means ``±t u`` with ``W_1 = (q_2/t)(e_1 - e_2) u^T``, a different
-    optimum with the same loss (PAPER.md section 3). A ``generator`` rotates H1 randomly.
+    optimum with the same loss (docs/theory.md). A ``generator`` rotates H1 randomly.
     Needs balanced classes and every width ``d_l >= K`` (``d_1 >= 1`` for antipodal).
     """
     K, L = config.num_classes, config.num_layers

@@ -1,4 +1,4 @@
-r"""Low-rank solutions of the L-DUFM that beat deep neural collapse (PAPER.md section 5).
+r"""Low-rank solutions of the L-DUFM that beat deep neural collapse (docs/lowrank.md).
 
 The strongly-regular-graph (SRG) construction, derived here, for ``K = C(r, 2)`` classes. Class ``c``
 is an edge ``{i, j}`` of the complete graph on ``r`` vertices; ``B`` (r x K) is its incidence matrix
