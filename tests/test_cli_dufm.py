@@ -83,8 +83,8 @@ def test_resume_continues_a_run(tmp_path):
     "args, message",
     [
         (["--classes", "1"], "num_classes must be >= 2"),
-        (["--n-per-class", "0"], "n_per_class must be >= 1"),
-        (["--lambda-h", "-0.1"], "lambda_h must be >= 0"),
+        (["--n-per-class", "0"], "--n-per-class must be >= 1"),
+        (["--lambda-h", "-0.1"], "--lambda-h must be >= 0"),
         (["--lambda-w", "1e-3,-1e-3,1e-3"], "lambda_w[1] must be >= 0"),
         (["--width", "16,16"], "width needs one value or one per layer"),
         (["--classes", "3", "--width", "2"], "width below K = 3"),

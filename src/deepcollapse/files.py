@@ -1,7 +1,12 @@
 """Result files: atomic JSON/CSV writes, run directories, checkpoints.
 
 Every result a command writes goes through here, so a killed process never leaves a half-written file:
-each write goes to a temporary file in the same directory and is renamed over the target.
+each write goes to a temporary file in the same directory and is renamed over the target. Files are
+created with the mode an ordinary ``open`` would give them (``0o666`` less the user's umask).
+
+Numbers that are not finite keep their meaning in JSON and CSV: ``inf``, ``-inf`` and ``nan`` are written
+as the strings ``"inf"``, ``"-inf"`` and ``"nan"`` (``float()`` reads each back), while a value that was not
+computed is ``null`` in JSON and an empty cell in CSV (or is left out altogether).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from deepcollapse._validate import DeepCollapseError
 __all__ = [
     "append_csv_rows",
     "atomic_write_bytes",
+    "check_out_dir",
+    "nonfinite_text",
     "prepare_out_dir",
     "read_csv",
     "read_json",
@@ -35,12 +42,24 @@ __all__ = [
 RUN_MARKERS = ("config.json", "summary.json", "history.csv", "metrics.json", "results.csv")
 
 
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it: the only portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename.
+
+    The file gets mode ``0o666 & ~umask``, as ``open(path, "w")`` would create it (``mkstemp`` alone
+    would leave it ``0o600``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -51,8 +70,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def nonfinite_text(v: float) -> str:
+    """``"inf"``, ``"-inf"`` or ``"nan"``: how a non-finite float is written (``float()`` reads it back)."""
+    return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+
+
 def to_jsonable(obj: Any) -> Any:
-    """Tensors, numpy values, paths and non-finite floats made JSON-safe (NaN/inf become null)."""
+    """Tensors, numpy values and paths made JSON-safe; non-finite floats become ``"inf"``/``"-inf"``/``"nan"``.
+
+    ``None`` stays ``None`` (JSON ``null``): it means "not computed", never an infinite or undefined value.
+    """
     if isinstance(obj, Mapping):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
@@ -69,7 +96,7 @@ def to_jsonable(obj: Any) -> Any:
     if hasattr(obj, "tolist") and callable(obj.tolist):
         return to_jsonable(obj.tolist())
     if isinstance(obj, float) and not math.isfinite(obj):
-        return None
+        return nonfinite_text(obj)
     return obj
 
 
@@ -80,6 +107,7 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
+    """The object in a JSON file (non-finite numbers stay the strings ``"inf"``, ``"-inf"``, ``"nan"``)."""
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -177,20 +205,31 @@ def read_csv(path: str | Path, *, text_columns: Sequence[str] = ("key",)) -> lis
     return [{k: (v if k in keep else _parse(v)) for k, v in row.items()} for row in reader]
 
 
+def check_out_dir(out: str | Path, *, overwrite: bool = False, resume: bool = False) -> list[str]:
+    """The result files already in ``out`` (none when it is new); raise if it may not be used. Writes nothing.
+
+    A directory that holds a run (any of :data:`RUN_MARKERS`) is refused unless ``overwrite`` or ``resume``,
+    so a command can check its output directory before it spends time computing.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DeepCollapseError(f"out {out} exists and is not a directory")
+    held = [m for m in RUN_MARKERS if (out / m).exists()]
+    if held and not (overwrite or resume):
+        raise DeepCollapseError(
+            f"out {out} already holds a run ({', '.join(held)}); pass overwrite=True to replace it"
+            " or choose another directory"
+        )
+    return held
+
+
 def prepare_out_dir(out: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
     """Create ``out``; refuse a directory that already holds a run unless ``overwrite`` or ``resume``.
 
     With ``overwrite`` the known result files are removed first (nothing else is touched).
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DeepCollapseError(f"--out {out} exists and is not a directory")
-    held = [m for m in RUN_MARKERS if (out / m).exists()]
-    if held and not (overwrite or resume):
-        raise DeepCollapseError(
-            f"--out {out} already holds a run ({', '.join(held)}); pass --overwrite to replace it"
-            " or choose another directory"
-        )
+    held = check_out_dir(out, overwrite=overwrite, resume=resume)
     if held and overwrite and not resume:
         for m in held:
             (out / m).unlink()

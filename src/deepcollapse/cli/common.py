@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import typer
@@ -25,15 +27,55 @@ def fail(message: str) -> None:
     raise typer.Exit(code=1)
 
 
+# ``name=value`` in a library message, not part of a dotted path, a quoted string or an option
+_ASSIGNED = re.compile(r"(?<![\w.'\"/-])([a-z][a-z0-9_]*)=(\S+?)(?=[\s,;:)\]]|$)")
+
+
+def flag(name: str) -> str:
+    """The option of Python parameter ``name``: ``num_classes`` -> ``--num-classes``."""
+    return "--" + name.replace("_", "-")
+
+
+def as_flags(message: str, given: Mapping[str, Any]) -> str:
+    """A library error rephrased in the command's options.
+
+    Library errors name Python parameters; ``given`` holds the command's parameters and their values.
+    ``name=value`` becomes ``--name value`` (``--name`` / ``--no-name`` for booleans), and a message that
+    starts with a parameter the user gave (not ``None``) starts with its option instead. Other words stay.
+    """
+
+    def assigned(m: re.Match[str]) -> str:
+        name, value = m.group(1), m.group(2)
+        if name not in given:
+            return m.group(0)
+        if value in ("True", "False"):
+            return flag(name) if value == "True" else "--no-" + name.replace("_", "-")
+        return f"{flag(name)} {value}"
+
+    message = _ASSIGNED.sub(assigned, message)
+    head, _, rest = message.partition(" ")
+    if rest and head in given and given[head] is not None:
+        message = f"{flag(head)} {rest}"
+    return message
+
+
 def handle_errors(fn: F) -> F:
-    """Turn :class:`DeepCollapseError` (and KeyboardInterrupt) into a one-line message and exit code."""
+    """Turn :class:`DeepCollapseError` (and KeyboardInterrupt) into a one-line message and exit code.
+
+    The message is rephrased with :func:`as_flags`, so that errors raised in library code name options.
+    """
+    signature = inspect.signature(fn)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except DeepCollapseError as e:
-            fail(str(e))
+            try:
+                given = dict(signature.bind(*args, **kwargs).arguments)
+            except TypeError:
+                given = {}
+            fail(as_flags(str(e), given))
         except KeyboardInterrupt:
             err_console.print(
                 "interrupted: files written so far are kept; a run with a checkpoint continues with --resume"
