@@ -1,14 +1,11 @@
 """`deepcollapse measure`: DNC metrics per layer of saved features, streamed from disk in chunks.
 
-Inputs (each layer an ``(N, ...)`` array, flattened per sample; ``labels`` an ``(N,)`` integer array):
+Inputs are read by :mod:`deepcollapse.measure.readers` (``.npz`` with ``features``/``layer_<name>``, ``labels``
+and optionally the classifier ``weight``/``bias``; a directory of ``.npy``; one ``.npy`` with ``--labels``).
+Everything is checked before the output directory is created, so a bad input leaves no files behind.
 
-* ``FEATURES.npz`` holding ``features`` and/or ``layer_<name>`` arrays (depth = order in the file) and
-  ``labels``. Members are read chunk by chunk from the archive (compressed or not), never whole.
-* a directory holding ``labels.npy`` and ``features.npy`` and/or ``layer_<name>.npy`` (depth = natural
-  order of the names), or one ``.npy`` file with ``--labels LABELS.npy``. ``.npy`` files are memory-mapped
-  (``np.load(mmap_mode="r")``) and read in chunks of ``--batch-size`` rows.
-
-Writes ``metrics.json`` and ``metrics_vs_depth.png`` (each metric against layer depth, log scale).
+Writes ``metrics.json`` (metadata, options and each layer's metrics), ``per_class.csv`` (one row per layer
+and class) and ``metrics_vs_depth.png``; see docs/outputs.md.
 """
 
 from __future__ import annotations
@@ -18,14 +15,52 @@ from typing import Annotated
 
 import typer
 
-from deepcollapse._validate import DeepCollapseError
-from deepcollapse.cli.common import handle_errors, print_table, resolve_device
-from deepcollapse.files import prepare_out_dir, write_json
-from deepcollapse.measure.readers import label_tensor, load_inputs, measure_layer
+from deepcollapse.cli.common import console, handle_errors, parse_list, print_table, resolve_device
+from deepcollapse.files import check_out_dir, prepare_out_dir, write_csv, write_json
+from deepcollapse.measure.readers import Measurement, MeasureOptions, load_inputs, measure_saved
 from deepcollapse.plots import plot_metrics_vs_depth
 
-TABLE_COLUMNS = ("name", "dim", "nc1", "nc2_etf", "nc2_orth", "nc4", "cdnv", "rank")
+DEFAULTS = MeasureOptions()
+# metrics shown in the table and the plot, in this order, when a layer has them
+TABLE_METRICS = ("nc1", "nc2_etf", "nc2_orth", "nc3_duality", "nc4", "cdnv", "rank")
 PLOT_METRICS = ("nc1", "nc2_etf", "nc2_orth", "cdnv")
+
+
+def parse_classes(text: str | None) -> list[int] | None:
+    """``"0,3,5"`` or ranges ``"0-4,7"`` -> sorted class labels; ``None`` stays ``None``."""
+    if text is None:
+        return None
+    out: set[int] = set()
+    for part in str(text).split(","):
+        lo, sep, hi = part.strip().partition("-")
+        bounds = parse_list("classes", f"{lo},{hi}" if sep else lo, int)
+        lo_i, hi_i = (bounds, bounds) if isinstance(bounds, int) else bounds
+        out.update(range(lo_i, hi_i + 1))
+    return sorted(out)
+
+
+def write_outputs(out_dir: Path, result: Measurement) -> list[Path]:
+    """metrics.json, per_class.csv and the plot of ``result`` into ``out_dir`` (already prepared)."""
+    write_json(out_dir / "metrics.json", result.to_dict())
+    rows = [{"layer": layer.name, "depth": layer.depth, **row} for layer in result.layers for row in layer.per_class]
+    write_csv(out_dir / "per_class.csv", rows)
+    flat = [{"name": layer.name, **layer.metrics} for layer in result.layers]
+    plot = plot_metrics_vs_depth(flat, out_dir / "metrics_vs_depth.png", metrics=PLOT_METRICS)
+    return [out_dir / "metrics.json", out_dir / "per_class.csv", plot]
+
+
+def print_summary(features: Path, result: Measurement) -> None:
+    sel = result.selection
+    if sel.missing:
+        console.print(
+            f"warning: classes {sel.missing} of 0..{sel.num_classes - 1} have no samples; measured over the"
+            f" {sel.classes.size} classes present",
+            highlight=False,
+        )
+    present = [m for m in TABLE_METRICS if any(m in layer.metrics for layer in result.layers)]
+    rows = [{"name": layer.name, "dim": layer.dim, **layer.metrics} for layer in result.layers]
+    title = f"DNC metrics of {features.name} (N={sel.index.size}, K={sel.classes.size} classes measured)"
+    print_table(title, rows, ("name", "dim", *present))
 
 
 @handle_errors
@@ -33,60 +68,57 @@ def measure(
     features: Annotated[
         Path,
         typer.Argument(
-            help="FEATURES.npz with 'features' or 'layer_<name>' arrays and 'labels'; a directory of such .npy"
-            " files; or one .npy file with --labels.",
+            help="FEATURES.npz with 'features' or 'layer_<name>' arrays, 'labels' and optionally a classifier"
+            " 'weight'/'bias'; a directory of such .npy files; or one .npy file with --labels.",
             show_default=False,
         ),
     ],
-    labels: Annotated[Path | None, typer.Option(help="Labels .npy (N,) for a .npy input.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Labels .npy (N,) (needed for a single .npy input).")] = None,
+    weight: Annotated[
+        Path | None,
+        typer.Option(help="Classifier of the last layer: a .npy (K, D) weight or an .npz with 'weight' and 'bias'."),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory. Default: <input>_dnc next to the input.")] = None,
-    num_classes: Annotated[int | None, typer.Option(min=2, help="Number of classes K. Default: max label + 1.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Rows read and accumulated at a time.")] = 4096,
-    passes: Annotated[int, typer.Option(min=1, max=2, help="2: exact two-pass; 1: Welford/Chan (no NC4).")] = 2,
+    num_classes: Annotated[int | None, typer.Option(help="Number of classes K. Default: max label + 1.")] = None,
+    classes: Annotated[
+        str | None, typer.Option(help="Measure only these classes, e.g. '0,3,5' or '0-9'. Default: all present.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows read and accumulated at a time.")] = DEFAULTS.batch_size,
+    passes: Annotated[int, typer.Option(help="2: exact two-pass; 1: Welford/Chan (no NC4).")] = DEFAULTS.passes,
     light: Annotated[
         bool | None,
         typer.Option(
             "--light/--full",
-            help="Keep only O(K·D) state (--light) or the D x D Σ_W (--full). Default: auto, full while it fits"
-            " in 64 MiB.",
+            help="Keep only O(K·D) state (--light) or the D x D Σ_W (--full). Default: the fastest exact path.",
             show_default=False,
         ),
     ] = None,
-    normalize: Annotated[bool, typer.Option(help="NC1 = tr(Σ_W Σ_B⁺)/K (else without 1/K).")] = True,
-    weighting: Annotated[str, typer.Option(help="Global mean over 'samples' or 'classes'.")] = "samples",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    normalize: Annotated[bool, typer.Option(help="NC1 = tr(Σ_W Σ_B⁺)/K (else without 1/K).")] = DEFAULTS.normalize,
+    weighting: Annotated[str, typer.Option(help="Global mean over 'samples' or 'classes'.")] = DEFAULTS.weighting,
+    rtol: Annotated[
+        float | None,
+        typer.Option(help="Relative singular-value cutoff in (0, 1). Default: the features' precision."),
+    ] = DEFAULTS.rtol,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = DEFAULTS.device,
     overwrite: Annotated[bool, typer.Option(help="Replace the results in --out.")] = False,
 ) -> None:
-    """Measure NC1-NC4, CDNV and mean rank per layer of saved features; write metrics.json and a plot."""
-    if weighting not in ("samples", "classes"):
-        raise DeepCollapseError(f"--weighting must be 'samples' or 'classes', got {weighting!r}")
-    dev = resolve_device(device)
-    layers, label_arr = load_inputs(features, labels)
-    y, k = label_tensor(label_arr, num_classes)
-    cov = "auto" if light is None else ("light" if light else "full")
-    out_dir = prepare_out_dir(out if out is not None else features.parent / f"{features.stem}_dnc", overwrite=overwrite)
-    rows = []
-    for depth, layer in enumerate(layers):
-        m = measure_layer(
-            layer,
-            y,
-            k,
-            batch_size=batch_size,
-            device=dev,
-            passes=passes,
-            cov=cov,
-            normalize=normalize,
-            weighting=weighting,
-        )
-        rows.append({"name": layer.name, "depth": depth, **m})
-    options = {"passes": passes, "cov": cov, "normalize": normalize, "weighting": weighting, "batch_size": batch_size}
-    write_json(
-        out_dir / "metrics.json",
-        {"input": str(features), "num_classes": k, "samples": int(y.numel()), "options": options, "layers": rows},
+    """Measure NC1-NC4, CDNV and mean rank per layer of saved features; write metrics.json, per_class.csv, a plot."""
+    options = MeasureOptions(
+        batch_size=batch_size,
+        device=resolve_device(device),
+        passes=passes,
+        cov=None if light is None else ("light" if light else "full"),
+        normalize=normalize,
+        weighting=weighting,
+        rtol=rtol,
     )
-    plot_metrics_vs_depth(rows, out_dir / "metrics_vs_depth.png", metrics=PLOT_METRICS)
-    print_table(f"DNC metrics of {features.name} (N={y.numel()}, K={k})", rows, TABLE_COLUMNS)
-    typer.echo(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics_vs_depth.png'}")
+    out_dir = out if out is not None else features.parent / f"{features.stem}_dnc"
+    check_out_dir(out_dir, overwrite=overwrite)  # before the work: nothing is created until it is done
+    inputs = load_inputs(features, labels=labels, weight=weight)
+    result = measure_saved(inputs, num_classes=num_classes, classes=parse_classes(classes), options=options)
+    written = write_outputs(prepare_out_dir(out_dir, overwrite=overwrite), result)
+    print_summary(features, result)
+    typer.echo("wrote " + ", ".join(str(p) for p in written))
 
 
 def register(app: typer.Typer) -> None:
