@@ -53,13 +53,34 @@ def cnn() -> nn.Sequential:
     ).double()
 
 
-METRIC_KEYS = ("nc1", "nc2_etf", "nc2_orth", "nc4", "cdnv", "rank", "dim", "nc3", "nc3_duality")
+METRIC_KEYS = ("nc1", "nc2_etf", "nc2_orth", "cdnv", "rank", "dim", "nc3", "nc3_duality")
 
 
-def np_metrics(h: np.ndarray, y: np.ndarray, k: int, weight: np.ndarray | None, inp: np.ndarray | None) -> dict:
-    """The metrics the probe reports, from the shared numpy reference on all features at once."""
+def np_ncc(h: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """Nearest class centre of every row of h (Euclidean), straight from the definition."""
+    h = h.reshape(len(h), -1).astype(np.float64)
+    return ((h[:, None, :] - means[None]) ** 2).sum(-1).argmin(1)
+
+
+def np_metrics(
+    h: np.ndarray,
+    y: np.ndarray,
+    k: int,
+    weight: np.ndarray | None,
+    inp: np.ndarray | None,
+    *,
+    pred: np.ndarray | None = None,
+    means: np.ndarray | None = None,
+) -> dict:
+    """The metrics the probe reports, from the shared numpy reference on all features at once; NCC accuracy
+    and Papyan's NC4 (NCC != the model's prediction ``pred``) against ``means`` (default: h's own)."""
     ref = np_dnc(h, y, k, weight=weight, inp=inp)
-    return {key: ref[key] for key in METRIC_KEYS if key in ref}
+    out = {key: ref[key] for key in METRIC_KEYS if key in ref}
+    ncc = np_ncc(h, ref["means"] if means is None else means)
+    out["ncc_accuracy"] = float((ncc == y).mean())
+    if pred is not None:
+        out["nc4"] = float((ncc != pred).mean())
+    return out
 
 
 def reference(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor) -> dict[str, dict]:
@@ -67,10 +88,11 @@ def reference(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor) -> dict[st
     out: dict[str, dict] = {}
     h = x
     with torch.no_grad():
+        pred = model(x).argmax(1).numpy()
         for i, module in enumerate(model):
             inp, h = h, module(h)
             w = module.weight.numpy() if isinstance(module, nn.Linear) else None
-            out[str(i)] = np_metrics(h.numpy(), y.numpy(), K, w, inp.numpy())
+            out[str(i)] = np_metrics(h.numpy(), y.numpy(), K, w, inp.numpy(), pred=pred)
     return out
 
 
@@ -115,8 +137,9 @@ def test_one_pass_matches_two_passes_without_nc4(digits) -> None:
     model = mlp()
     two = DNCProbe(model, layers="relu", num_classes=K).measure(loader(x, y, 64))
     one = DNCProbe(model, layers="relu", num_classes=K, passes=1).measure(iter(loader(x, y, 64)))
-    for name in two:
-        assert "nc4" not in one[name]
+    assert list(two) == ["1", "3", "4"] and list(two["4"]) == ["nc3_duality"]  # "4": the classifier, not probed
+    for name in ("1", "3"):
+        assert "nc4" not in one[name] and "ncc_accuracy" not in one[name]  # no means before the only pass
         for key in ("nc1", "nc2_etf", "nc2_orth", "cdnv"):
             assert one[name][key] == pytest.approx(two[name][key], rel=1e-9)
 
@@ -139,7 +162,7 @@ def test_planted_collapse_through_identity() -> None:
     x = means[y] + 1e-7 * torch.randn(120, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     model = nn.Sequential(nn.Identity())
     res = DNCProbe(model, layers="0", num_classes=k).measure(loader(x, y, 25))
-    assert res["0"]["nc1"] < 1e-10 and res["0"]["nc2_etf"] < 1e-6 and res["0"]["nc4"] == 1.0
+    assert res["0"]["nc1"] < 1e-10 and res["0"]["nc2_etf"] < 1e-6 and res["0"]["ncc_accuracy"] == 1.0
 
 
 # ------------------------------------------------------------------------------- model interfaces
@@ -254,7 +277,10 @@ def test_bad_input_messages(digits) -> None:
     few[few == 7] = 3
     with pytest.raises(DeepCollapseError, match=r"layer '0': class\(es\) \[7\] have no samples"):
         probe.measure(loader(x, few, 100))
-    with pytest.raises(DeepCollapseError, match="must yield \\(inputs, labels\\) pairs, got Tensor"):
+    with pytest.raises(
+        DeepCollapseError,
+        match=r"must yield \(inputs, labels\) pairs, dicts with a label key, or use batch_fn; got Tensor",
+    ):
         probe.measure([x[:10]])
     with pytest.raises(DeepCollapseError, match="num_classes must be an integer >= 2"):
         DNCProbe(model, layers="linear", num_classes=1)
@@ -271,13 +297,23 @@ def test_shape_change_between_batches() -> None:
     assert no_hooks(model)
 
 
-def test_module_called_twice_or_never() -> None:
-    act = nn.ReLU()
-    twice = nn.Sequential(nn.Linear(3, 3), act, nn.Linear(3, 3), act)
+def test_module_called_a_varying_number_of_times_or_never() -> None:
+    class Loops(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for _ in range(1 + int(x.shape[0] > 4)):  # once for small batches, twice for big ones
+                x = self.lin(x)
+            return x
+
+    data = [(torch.randn(4, 3), torch.arange(4) % 2), (torch.randn(6, 3), torch.arange(6) % 2)]
+    with pytest.raises(DeepCollapseError, match="layer 'lin' ran 2 times in the forward pass of batch 1 but 1 times"):
+        DNCProbe(Loops(), layers="lin", num_classes=2).measure(data)
+    with pytest.raises(DeepCollapseError, match="layer 'lin' ran 1 times in the forward pass of batch 1 but 2 times"):
+        DNCProbe(Loops(), layers="lin", num_classes=2).measure(data[::-1])
     data = [(torch.randn(6, 3), torch.arange(6) % 2)]
-    with pytest.raises(DeepCollapseError, match="layer '1' ran more than once in the forward pass of batch 0"):
-        DNCProbe(twice, layers="1", num_classes=2).measure(data)
-    assert no_hooks(twice)
 
     class Skips(nn.Module):
         def __init__(self) -> None:
@@ -304,3 +340,267 @@ def test_cuda_probe_matches_cpu(digits) -> None:
         for key in ("nc1", "nc2_etf", "nc3", "cdnv"):
             if key in cpu[name]:
                 assert gpu[name][key] == pytest.approx(cpu[name][key], rel=1e-7), (name, key)
+
+
+# ------------------------------------------------------------------ real models: reused modules, state
+
+
+class Block(nn.Module):
+    """A torchvision-style basic block: one ReLU module used twice."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+class ResNetish(nn.Module):
+    def __init__(self, *, bias: bool = True) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.layer1 = Block(4)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(16, K, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.pool(self.layer1(torch.relu(self.stem(x))))))
+
+
+def trained_resnetish(x: torch.Tensor, y: torch.Tensor, *, bias: bool = True) -> ResNetish:
+    torch.manual_seed(3)
+    model = ResNetish(bias=bias).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for i in range(5):  # a few steps: non-trivial BatchNorm running statistics, num_batches_tracked = 5
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[i * 80 : (i + 1) * 80]), y[i * 80 : (i + 1) * 80]).backward()
+        opt.step()
+    return model
+
+
+def resnetish_reference(model: ResNetish, x: torch.Tensor, y: torch.Tensor) -> dict[str, dict]:
+    """The block's intermediate features computed by hand in eval mode, then the numpy reference."""
+    b, yn = model.layer1, y.numpy()
+    with torch.no_grad():
+        x0 = torch.relu(model.stem.eval()(x))
+        a = torch.relu(b.bn1.eval()(b.conv1(x0)))
+        c = torch.relu(b.bn2.eval()(b.conv2(a)) + x0)
+        feat = model.pool(c)
+        logits = model.fc(feat)
+    pred = logits.argmax(1).numpy()
+    w = model.fc.weight.detach().numpy()
+    out = {
+        "layer1.relu#1": np_metrics(a.numpy(), yn, K, None, None, pred=pred),
+        "layer1.relu#2": np_metrics(c.numpy(), yn, K, None, None, pred=pred),
+        "pool.1": np_metrics(feat.numpy(), yn, K, None, None, pred=pred),
+        "fc": np_metrics(logits.numpy(), yn, K, w, feat.numpy(), pred=pred),
+    }
+    means = np.stack([feat.numpy()[yn == c].mean(0) for c in range(K)])
+    if model.fc.bias is not None:
+        means = means - feat.numpy().mean(0)  # Papyan's self-duality: centred means with a bias ...
+    out["fc"]["nc3_duality"] = float(np.linalg.norm(w / np.linalg.norm(w) - means / np.linalg.norm(means)))
+    return out  # ... and uncentred ones for a bias-free classifier
+
+
+def state_of(model: nn.Module) -> tuple[dict, list[bool]]:
+    return {k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
+
+
+def assert_same_state(model: nn.Module, before: tuple[dict, list[bool]]) -> None:
+    after = state_of(model)
+    assert after[1] == before[1]
+    assert after[0].keys() == before[0].keys()
+    for key, value in before[0].items():
+        assert torch.equal(after[0][key], value), key
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_residual_block_reusing_its_relu(digits, bias: bool) -> None:
+    x, y = digits
+    model = trained_resnetish(x, y, bias=bias)
+    model.train()
+    model.stem.eval()  # a mixed state, restored module by module
+    before = state_of(model)
+    assert int(before[0]["layer1.bn1.num_batches_tracked"]) == 5
+    probe = DNCProbe(model, layers=[model.layer1.relu, "pool.1", model.fc], num_classes=K)
+    res = probe.measure(loader(x, y, 57))
+    assert list(res) == ["layer1.relu#1", "layer1.relu#2", "pool.1", "fc"]
+    assert_same_state(model, before)
+    assert no_hooks(model)
+    assert_matches(res, resnetish_reference(model, x, y), rel=1e-7)
+
+
+def test_train_mode_only_when_asked_and_state_restored(digits) -> None:
+    x, y = digits
+    model = trained_resnetish(x, y)
+    model.eval()
+    before = state_of(model)
+    with pytest.warns(UserWarning, match="mode='train'"):
+        res = DNCProbe(model, layers="pool.1", num_classes=K, mode="train").measure(loader(x, y, 100))
+    assert_same_state(model, before)  # running statistics and num_batches_tracked restored
+    evaluated = DNCProbe(model, layers="pool.1", num_classes=K).measure(loader(x, y, 100))
+    assert res["pool.1"]["nc1"] != pytest.approx(evaluated["pool.1"]["nc1"], rel=1e-3)  # train mode did run
+    assert_same_state(model, before)
+    with pytest.raises(DeepCollapseError, match="mode must be 'eval' or 'train'"):
+        DNCProbe(model, layers="fc", num_classes=K, mode="test")  # type: ignore[arg-type]
+
+
+def test_module_objects_in_layers() -> None:
+    model = cnn()
+    names = [n for n, _ in resolve_layers(model, [model[7], nn.Conv2d, model[2]])]
+    assert names == ["1", "2", "7"]
+    with pytest.raises(DeepCollapseError, match="the Linear module given is not a submodule"):
+        resolve_layers(model, nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------------------------- batches and labels
+
+
+@pytest.mark.parametrize("form", ["column", "one_hot", "dict", "batch_fn", "extra"])
+def test_batch_and_label_forms_give_the_same_result(digits, form: str) -> None:
+    x, y = digits
+    model = mlp()
+    plain = DNCProbe(model, layers="relu", num_classes=K).measure(loader(x, y, 64))
+    data: list = loader(x, y, 64)
+    kwargs: dict = {}
+    if form == "column":
+        data = [(a, b[:, None]) for a, b in data]
+    elif form == "one_hot":
+        data = [(a, nn.functional.one_hot(b, K).float()) for a, b in data]
+    elif form == "dict":
+        data = [{"input": a, "labels": b} for a, b in data]  # the rest are keyword arguments: Sequential(input=)
+    elif form == "batch_fn":
+        data = [{"image": a, "meta": {"target": b}} for a, b in data]
+        kwargs["batch_fn"] = lambda batch: (batch["image"], batch["meta"]["target"])
+    else:
+        data = [(a, b, torch.zeros(len(b))) for a, b in data]  # (inputs, labels, extra)
+    res = DNCProbe(model, layers="relu", num_classes=K, **kwargs).measure(data)
+    assert res == plain
+
+
+def test_bad_labels_and_batches(digits) -> None:
+    x, y = digits
+    probe = DNCProbe(mlp(), layers="relu", num_classes=K)
+    soft = torch.full((10, K), 0.1)
+    with pytest.raises(DeepCollapseError, match=r"batch 0: labels: \(batch, 10\) labels must be one-hot rows"):
+        probe.measure([(x[:10], soft)])
+    with pytest.raises(DeepCollapseError, match=r"labels must be \(batch,\) integers, \(batch, 1\) or"):
+        probe.measure([(x[:10], y[:10].reshape(2, 5, 1))])
+    with pytest.raises(DeepCollapseError, match=r"a dict batch needs its labels under one of \['labels'"):
+        probe.measure([{"x": x[:10], "cls": y[:10]}])
+    with pytest.raises(DeepCollapseError, match="batch_fn must return \\(inputs, labels\\)"):
+        DNCProbe(mlp(), layers="relu", num_classes=K, batch_fn=lambda b: b[0]).measure(loader(x, y, 100))
+    assert no_hooks(probe.model)
+
+
+# ------------------------------------------------------------------------------ passes that differ
+
+
+def test_shuffle_with_drop_last_refused_before_measuring(digits) -> None:
+    x, y = digits
+    model = mlp()
+    calls = []
+    model[0].register_forward_hook(lambda *a: calls.append(1))
+    data = torch.utils.data.TensorDataset(x, y)
+    bad = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True, drop_last=True)
+    with pytest.raises(DeepCollapseError, match="shuffle=True and drop_last=True drops a different 16 of its 400"):
+        DNCProbe(model, layers="relu", num_classes=K).measure(bad)
+    assert calls == []
+    fine = torch.utils.data.DataLoader(data, batch_size=50, shuffle=True, drop_last=True)  # 400 = 8 x 50
+    res = DNCProbe(model, layers="relu", num_classes=K).measure(fine)
+    ordered = DNCProbe(model, layers="relu", num_classes=K).measure(loader(x, y, 50))
+    assert res["3"]["nc1"] == pytest.approx(ordered["3"]["nc1"], rel=1e-10)
+
+
+class Drifting:
+    """A re-iterable loader whose second pass draws other samples (e.g. sampling with replacement)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y, self.epoch, self.batches = x, y, 0, 0
+
+    def __iter__(self):
+        self.epoch += 1
+        idx = torch.arange(len(self.y)) if self.epoch == 1 else torch.sort(self.y, stable=True).indices
+        for i in range(0, len(idx), 40):
+            self.batches += 1
+            j = idx[i : i + 40] if self.epoch == 1 else idx[:40]  # pass 2: class 0 over and over
+            yield self.x[j], self.y[j]
+
+
+def test_passes_that_see_different_samples_stop_at_the_batch(digits) -> None:
+    x, y = digits
+    data = Drifting(x, y)
+    with pytest.raises(DeepCollapseError, match=r"pass 2 yielded 80 samples of class 0 so far, pass 1 41"):
+        DNCProbe(mlp(), layers="relu", num_classes=K).measure(data)
+    assert data.batches == 10 + 2  # stopped at the second batch of pass 2
+
+
+# ------------------------------------------------------------------- classifier and the test protocol
+
+
+def test_classifier_choice(digits) -> None:
+    x, y = digits
+    model = mlp()
+    assert DNCProbe(model, layers="relu", num_classes=K).classifier == ("4", model[4])
+    none = DNCProbe(model, layers="relu", num_classes=K, classifier=None).measure(loader(x, y, 100))
+    assert list(none) == ["1", "3"] and "nc4" not in none["1"] and "ncc_accuracy" in none["1"]
+    with pytest.raises(DeepCollapseError, match=r"classifier: '2' must have a 2-D weight with num_classes=10 rows"):
+        DNCProbe(model, layers="relu", num_classes=K, classifier="2")
+    assert DNCProbe(nn.Sequential(nn.Linear(3, 4)), layers="0", num_classes=2).classifier is None
+
+
+def test_test_set_measured_against_train_means(digits) -> None:
+    x, y = digits
+    model = trained_resnetish(x, y)
+    train, test = (x[:300], y[:300]), (x[300:], y[300:])
+    probe = DNCProbe(model, layers=["pool.1", "fc"], num_classes=K)
+    probe.measure(loader(*train, 64))
+    train_stats = dict(probe.stats)
+    ref = resnetish_reference(model, *train)
+    assert probe.stats["pool.1"].ncc_correct.sum() == round(ref["pool.1"]["ncc_accuracy"] * 300)
+    for passes in (2, 1):
+        p = DNCProbe(model, layers=["pool.1", "fc"], num_classes=K, passes=passes)
+        res = p.measure(loader(*test, 64), reference=train_stats)
+        own = resnetish_reference(model, *test)  # the test set's own statistics ...
+        with torch.no_grad():
+            model.eval()
+            feat = model.pool(model.layer1(torch.relu(model.stem(test[0])))).numpy()
+            pred = model.fc(torch.tensor(feat)).argmax(1).numpy()
+        ncc = np_ncc(feat, train_stats["pool.1"].means.numpy())  # ... but NCC rules from the train means
+        assert res["pool.1"]["ncc_accuracy"] == pytest.approx(float((ncc == test[1].numpy()).mean()), abs=1e-12)
+        assert res["pool.1"]["nc4"] == pytest.approx(float((ncc != pred).mean()), abs=1e-12)
+        assert res["pool.1"]["nc1"] == pytest.approx(own["pool.1"]["nc1"], rel=1e-8)
+        assert res["pool.1"]["ncc_accuracy"] != pytest.approx(own["pool.1"]["ncc_accuracy"], abs=1e-3)
+    with pytest.raises(DeepCollapseError, match="reference has no statistics for layer fc"):
+        probe.measure(loader(*test, 64), reference={"pool.1": train_stats["pool.1"]})
+    with pytest.raises(DeepCollapseError, match="reference must map row names to ClassStats"):
+        probe.measure(loader(*test, 64), reference={"pool.1": 3})  # type: ignore[dict-item]
+
+
+# ------------------------------------------------------------------------- update / compute / reset
+
+
+def test_streaming_api_equals_measure(digits) -> None:
+    x, y = digits
+    model = trained_resnetish(x, y)
+    before = state_of(model)
+    probe = DNCProbe(model, layers=[model.layer1.relu, "fc"], num_classes=K)
+    whole = probe.measure(loader(x, y, 64))
+    probe.reset()
+    for _ in range(probe.passes):
+        for xb, yb in loader(x, y, 64):
+            probe.update(xb, yb)
+        probe.end_pass()
+    assert probe.compute() == whole
+    with pytest.raises(DeepCollapseError, match="all 2 pass"):
+        probe.update(x[:5], y[:5])
+    probe.reset()
+    probe.update((x[:50], y[:50]))  # a loader batch
+    with pytest.raises(DeepCollapseError, match=r"compute\(\) before the end of pass 1 of 2"):
+        probe.compute()
+    assert_same_state(model, before)
