@@ -16,6 +16,7 @@ from deepcollapse.files import read_csv
 from deepcollapse.nets.data import DataConfig, Dataset, load_dataset
 from deepcollapse.nets.models import NetConfig
 from deepcollapse.nets.train import (
+    BACKBONE_DEFAULTS,
     PRESETS,
     TrainConfig,
     compare_with_theory,
@@ -168,3 +169,21 @@ def test_cross_entropy_and_measured_subset(tmp_path: Path, digits: Dataset) -> N
     res = train(small(epochs=2, loss="ce", measure_per_class=10), tmp_path / "ce", data=digits, num_threads=1)
     assert len(res.history) == 2 and res.history[-1]["nc4_l3"] >= 0.5
     assert res.summary["theory"]["loss"] > 0  # the head is still compared in DUFM (MSE) units
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONE_DEFAULTS))
+def test_every_backbone_trains_with_its_defaults(tmp_path: Path, backbone: str) -> None:
+    # issue 12: lr 0.05 without warm-up made the batch-normalized backbones diverge within five batches
+    cfg = make_config({"dataset": "digits", "backbone": backbone, "head_layers": 4, "per_class": 30,
+                       "test_per_class": 5, "epochs": 6, "fit_optimal_epochs": 0})  # fmt: skip
+    assert (cfg.lr, cfg.warmup_epochs) == tuple(BACKBONE_DEFAULTS[backbone].values())
+    res = train(cfg, tmp_path / backbone, num_threads=1)
+    losses = [r["loss"] for r in res.history]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.8 * losses[0]
+    assert res.history[-1]["train_acc"] > 0.4  # 10 classes: chance is 0.1
+
+
+def test_explicit_learning_rate_wins_over_the_backbone_default() -> None:
+    cfg = make_config({"backbone": "resnet20", "lr": 0.2, "warmup_epochs": 0})
+    assert (cfg.lr, cfg.warmup_epochs) == (0.2, 0.0)
+    assert make_config({"backbone": "cnn"}, preset="cpu-quick").lr == PRESETS["cpu-quick"]["lr"]

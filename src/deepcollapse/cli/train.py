@@ -118,10 +118,13 @@ def register(app: typer.Typer) -> None:
         ] = None,
         loss: Annotated[str | None, typer.Option(help="mse (the DUFM's, default) or ce.")] = None,
         optimizer: Annotated[str | None, typer.Option(help="sgd (default, momentum 0.9) or adam.")] = None,
-        lr: Annotated[float | None, typer.Option(help="Peak learning rate [default: 0.05].")] = None,
+        lr: Annotated[
+            float | None, typer.Option(help="Peak learning rate [default: mlp 0.05, cnn and resnet20 0.01].")
+        ] = None,
         schedule: Annotated[str | None, typer.Option(help="cosine (default), step, constant.")] = None,
         warmup_epochs: Annotated[
-            float | None, typer.Option(help="Linear learning-rate warm-up, in epochs [default: 0].", min=0)
+            float | None,
+            typer.Option(help="Linear learning-rate warm-up, in epochs [default: mlp 0, cnn and resnet20 1].", min=0),
         ] = None,
         epochs: Annotated[int | None, typer.Option(help="Epochs [default: 200].", min=1)] = None,
         batch_size: Annotated[int | None, typer.Option(help="Mini-batch size [default: 32].", min=1)] = None,
