@@ -86,6 +86,12 @@ def reference(h: np.ndarray, y: np.ndarray, classes: list[int]) -> dict[str, obj
     }
 
 
+def papyan_nc4(ref: dict, w: np.ndarray, b: np.ndarray | None) -> float:
+    """Papyan et al.: the fraction of samples whose classifier prediction differs from the nearest class mean."""
+    logits = ref["h"] @ w.T + (0.0 if b is None else b)
+    return float((logits.argmax(1) != ref["ncc_pred"]).mean())
+
+
 def self_duality(w: np.ndarray, mbar: np.ndarray) -> float:
     """Papyan et al.: ``|| W/||W||_F - M̄/||M̄||_F ||_F`` with the centred class means."""
     return float(np.linalg.norm(w / np.linalg.norm(w) - mbar / np.linalg.norm(mbar)))
@@ -147,7 +153,7 @@ def test_npz_with_classifier_matches_numpy(tmp_path: Path, arrays, compressed: b
         assert "dim" not in m and "samples" not in m  # metadata is not among the metrics
         assert m["nc1"] == pytest.approx(ref["nc1"], rel=1e-8)
         assert m["nc2_etf"] == pytest.approx(ref["nc2_etf"], rel=1e-8)
-        assert m["nc4"] == pytest.approx(ref["ncc"], abs=1e-12)
+        assert m["ncc_accuracy"] == pytest.approx(ref["ncc"], abs=1e-12)
         assert m["cdnv"] == pytest.approx(ref["cdnv"], rel=1e-8)
         mine = [row for row in csv_rows if row["layer"] == name]
         assert len(mine) == 5
@@ -155,10 +161,12 @@ def test_npz_with_classifier_matches_numpy(tmp_path: Path, arrays, compressed: b
             assert got["depth"] == rows[name]["depth"]
             for key, value in want.items():
                 assert got[key] == pytest.approx(value, rel=1e-8), (name, key)
-    # the classifier reads the last layer only
-    assert "nc3_duality" not in rows["a"]["metrics"]
+    # the classifier reads the last layer only: self-duality with centred means (it has a bias), Papyan's NC4
+    assert "nc3_duality" not in rows["a"]["metrics"] and "nc4" not in rows["a"]["metrics"]
     ref_b = reference(arrays["layer_b"], arrays["labels"], [0, 1, 2, 3, 4])
     assert rows["b"]["metrics"]["nc3_duality"] == pytest.approx(self_duality(arrays["weight"], ref_b["mbar"]), rel=1e-8)
+    want = papyan_nc4(ref_b, arrays["weight"], arrays["bias"])
+    assert 0.05 < want < 0.95 and rows["b"]["metrics"]["nc4"] == pytest.approx(want, abs=1e-12)
     assert (out / "metrics_vs_depth.png").exists()
     assert "DNC metrics of feats.npz" in r.output and "nc2_etf" in r.output
 
@@ -179,8 +187,10 @@ def test_classes_subset_and_weight_file(tmp_path: Path, arrays) -> None:
         assert rows[name]["metrics"]["nc1"] == pytest.approx(ref["nc1"], rel=1e-8)
         assert rows[name]["metrics"]["cdnv"] == pytest.approx(ref["cdnv"], rel=1e-8)
     ref_b = reference(arrays["layer_b"], arrays["labels"], [0, 2, 3])
-    want = self_duality(arrays["weight"][[0, 2, 3]], ref_b["mbar"])  # the classifier's rows of those classes
-    assert rows["b"]["metrics"]["nc3_duality"] == pytest.approx(want, rel=1e-8)
+    w = arrays["weight"][[0, 2, 3]]  # the classifier's rows of the measured classes
+    means = ref_b["mbar"] + ref_b["h"].mean(0)  # no bias: self-duality with the uncentred means
+    assert rows["b"]["metrics"]["nc3_duality"] == pytest.approx(self_duality(w, means), rel=1e-8)
+    assert rows["b"]["metrics"]["nc4"] == pytest.approx(papyan_nc4(ref_b, w, None), abs=1e-12)
     per_class = read_csv(tmp_path / "o" / "per_class.csv", text_columns=("layer",))
     assert [row["class"] for row in per_class] == [0, 2, 3, 0, 2, 3]
     assert {row["cdnv_max_class"] for row in per_class} <= {0, 2, 3}
@@ -238,7 +248,7 @@ def test_options(tmp_path: Path, arrays) -> None:
     mbar = means - means.mean(0)  # 'classes': the plain average of the class means
     want = np.trace(e.T @ e / len(h) @ np.linalg.pinv(mbar.T @ mbar / 5, rtol=1e-10, hermitian=True))
     assert raw["nc1"] == pytest.approx(want, rel=1e-8)
-    assert "nc4" not in raw  # one pass: not computed, so absent
+    assert "ncc_accuracy" not in raw and "nc4" not in raw  # one pass, no classifier: not computed, so absent
     assert metrics_json(tmp_path / "raw")["options"] == {
         "batch_size": 4096,
         "device": "cpu",
@@ -259,7 +269,7 @@ def test_inf_is_written_apart_from_not_computed(tmp_path: Path) -> None:
     text = (tmp_path / "o" / "metrics.json").read_text()
     m = json.loads(text)["layers"][0]["metrics"]
     assert m["nc1"] == "inf" and m["cdnv"] == "inf" and float(m["nc1"]) == math.inf
-    assert "nc4" not in m and "Infinity" not in text and "NaN" not in text
+    assert "ncc_accuracy" not in m and "Infinity" not in text and "NaN" not in text
     rows = read_csv(tmp_path / "o" / "per_class.csv", text_columns=("layer",))
     assert [row["cdnv_mean"] for row in rows] == [math.inf, math.inf]
 

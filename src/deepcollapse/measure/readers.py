@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from deepcollapse._validate import DeepCollapseError, check_positive_int
-from deepcollapse.measure.accumulate import accumulate_stats
-from deepcollapse.measure.metrics import ClassStats, cdnv, centred_means, dnc_metrics
+from deepcollapse.measure.accumulate import accumulate_stats, centres
+from deepcollapse.measure.metrics import F64, ClassStats, cdnv, centred_means, dnc_metrics, nc3
+from deepcollapse.measure.probe import nearest_centre
 
 __all__ = [
     "BIAS_KEYS",
@@ -52,6 +53,7 @@ __all__ = [
     "select_classes",
 ]
 
+_NAMES = {"nc4": "ncc_accuracy"}  # dnc_metrics' nearest-class-centre accuracy, under its own name
 WEIGHT_KEYS = ("weight", "classifier_weight")  # the classifier's (K, D) weight in an .npz
 BIAS_KEYS = ("bias", "classifier_bias")  # its (K,) bias
 
@@ -466,8 +468,10 @@ def per_class_rows(
     return rows
 
 
-def _layer_stats(layer: LayerArray, selection: ClassSelection, options: MeasureOptions) -> ClassStats:
-    """Stream one layer from disk (only the rows of the measured classes) into its statistics."""
+def _batches(
+    layer: LayerArray, selection: ClassSelection, options: MeasureOptions
+) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """Row chunks of ``layer`` with their row in ``selection.classes`` (samples of other classes dropped)."""
     index, rows, dev = torch.from_numpy(selection.index), options.batch_size, options.device
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -479,13 +483,38 @@ def _layer_stats(layer: LayerArray, selection: ClassSelection, options: MeasureO
             if y.numel():
                 yield h.to(dev), y.to(dev)
 
+    return batches
+
+
+def _layer_stats(layer: LayerArray, selection: ClassSelection, options: MeasureOptions) -> ClassStats:
+    """Stream one layer from disk (only the rows of the measured classes) into its statistics."""
     acc_options: dict[str, Any] = {"passes": options.passes, "name": f"layer {layer.name!r}"}
     if options.cov is not None:
         acc_options["cov"] = options.cov
-    stats = accumulate_stats(batches, int(selection.classes.size), **acc_options)
-    if hasattr(stats, "classes"):
-        stats = dataclasses.replace(stats, classes=torch.from_numpy(selection.classes))
-    return stats
+    return accumulate_stats(_batches(layer, selection, options), int(selection.classes.size), **acc_options)
+
+
+def _classifier_metrics(
+    layer: LayerArray, stats: ClassStats, clf: Classifier, selection: ClassSelection, options: MeasureOptions
+) -> dict[str, float]:
+    """Self-duality (NC3, Papyan) and NC4 (Papyan: the fraction of samples whose classifier prediction
+    ``argmax_c (W h + b)_c`` differs from the nearest class mean) of the classifier reading ``layer``.
+
+    Self-duality uses the centred means with a bias and the uncentred means without one; NC4 takes one more
+    pass over the layer.
+    """
+    w = torch.from_numpy(clf.weight)
+    out = {"nc3_duality": nc3(w, stats, method="duality", center=clf.bias is not None, weighting=options.weighting)}
+    ref = centres(stats.means, stats.counts)
+    dev = stats.means.device
+    w, b = w.to(dev), None if clf.bias is None else torch.from_numpy(clf.bias).to(dev)
+    disagree = 0
+    for h, _ in _batches(layer, selection, options)():
+        x = h.reshape(h.shape[0], -1).to(F64)
+        predicted = torch.nn.functional.linear(x, w, b).argmax(1)
+        disagree += int((predicted != nearest_centre(x, ref)).sum())
+    out["nc4"] = disagree / stats.total
+    return out
 
 
 def measure_saved(
@@ -511,10 +540,10 @@ def measure_saved(
     results = []
     for depth, layer in enumerate(inputs.layers):
         stats = _layer_stats(layer, selection, options)
-        last = depth == len(inputs.layers) - 1
-        weight = None if clf is None or not last else torch.from_numpy(clf.weight)
-        metrics = dnc_metrics(stats, weight=weight, normalize=options.normalize, weighting=options.weighting)
-        metrics = {k: int(v) if k.startswith("rank") else v for k, v in metrics.items()}
+        metrics = dnc_metrics(stats, normalize=options.normalize, weighting=options.weighting)
+        metrics = {_NAMES.get(k, k): int(v) if k.startswith("rank") else v for k, v in metrics.items()}
+        if clf is not None and depth == len(inputs.layers) - 1:
+            metrics.update(_classifier_metrics(layer, stats, clf, selection, options))
         rows = per_class_rows(stats, classes=selection.classes.tolist(), weighting=options.weighting)
         results.append(LayerResult(layer.name, depth, layer.dim, str(layer.dtype), stats.total, metrics, rows))
     return Measurement(inputs, selection, options, results)
