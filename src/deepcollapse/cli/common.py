@@ -126,10 +126,13 @@ def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[st
     for c in columns:
         table.add_column(c, justify="right")
     undefined = False
-    for r in rows:
-        table.add_row(*(fmt(r.get(c)) for c in columns))
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    for r, row in zip(rows, cells, strict=True):
+        table.add_row(*row)
         undefined |= any(isinstance(r.get(c), float) and math.isnan(r[c]) for c in columns)
-    console.print(table)
+    # never truncate a header or a number: a table wider than the terminal wraps instead
+    need = 1 + sum(3 + max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns))
+    Console(width=max(console.width, need)).print(table)
     if undefined:
         console.print(
             "nan: undefined for that layer (e.g. all its class means coincide or its features do not vary,"
