@@ -386,6 +386,13 @@ def _dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def _dist_device() -> torch.device:
+    """Where collectives run: the current CUDA device for NCCL, the CPU otherwise (gloo)."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_reduce(state: Any) -> Any:
     """Sum every tensor of a dataclass state over all processes (in place on copies)."""
     out = {}
@@ -552,12 +559,17 @@ class ClassAccumulator:
             self._spread = update_spread(self._spread, h.to(dev), y.to(dev), self._ref)
 
     def sync(self) -> None:
-        """Sum this pass's state over ``torch.distributed`` (no-op when not initialized or already synced)."""
+        """Sum this pass's state over ``torch.distributed`` (no-op when not initialized or already synced).
+
+        Every rank must call it, also one that saw no batch: the ranks first agree on ``K`` and ``D`` (an
+        all-reduce), and a rank without data joins every reduction with a zero state.
+        """
         if self._synced or not _dist_ready():
             return
+        self._agree_shape()
+        if self._current() is None:
+            self._zero_state(_dist_device())
         state = self._current()
-        if state is None:
-            raise DeepCollapseError(f"{self.name}: this process saw no batches; every rank needs at least one")
         if isinstance(state, WelfordState):
             self._welford = _all_reduce_welford(state)
         elif isinstance(state, MomentState):
@@ -565,6 +577,30 @@ class ClassAccumulator:
         else:
             self._spread = _all_reduce(state)
         self._synced = True
+
+    def _agree_shape(self) -> None:
+        """All-reduce (max) of ``[D, -D, K, -K]`` (``D = -1`` / ``-big`` on a rank without data): equal on all ranks."""
+        big = 2**62
+        mine = [-1, -big] if self.dim is None else [self.dim, -self.dim]
+        t = torch.tensor([*mine, self.num_classes, -self.num_classes], dtype=I64, device=_dist_device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        dmax, dmin, kmax, kmin = int(t[0]), -int(t[1]), int(t[2]), -int(t[3])
+        if kmax != kmin:
+            raise DeepCollapseError(f"{self.name}: num_classes differs between ranks ({kmin} to {kmax})")
+        if dmax < 0:
+            raise DeepCollapseError(f"{self.name}: no rank saw a batch (empty loader on every rank?)")
+        if dmin != dmax:
+            raise DeepCollapseError(f"{self.name}: the feature dimension differs between ranks ({dmin} to {dmax})")
+        if self.dim is None:
+            self.dim = dmax
+            self.full_cov = self._use_full_cov(dmax)
+
+    def _zero_state(self, device: torch.device) -> None:
+        assert self.dim is not None
+        if self.passes == 1:
+            self._welford = init_welford(self.num_classes, self.dim, device=device)
+        else:  # pass 2 starts from init_spread in end_pass, so only pass 1 can be empty here
+            self._moments = init_moments(self.num_classes, self.dim, device=device)
 
     def _current(self) -> MomentState | SpreadState | WelfordState | None:
         if self.passes == 1:
@@ -575,7 +611,7 @@ class ClassAccumulator:
         """Close the current pass (syncing ranks first when ``dist_sync``); after pass 1 the means are fixed."""
         if self._done:
             raise DeepCollapseError(f"{self.name}: all {self.passes} pass(es) are already finished")
-        if self._current() is None and self.pass_index == 1:
+        if self._current() is None and self.pass_index == 1 and not (self.dist_sync and _dist_ready()):
             raise DeepCollapseError(f"{self.name}: no batches were seen (empty loader?)")
         if self.dist_sync:
             self.sync()

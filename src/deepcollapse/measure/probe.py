@@ -65,6 +65,8 @@ from deepcollapse.measure.accumulate import (
     DEFAULT_MAX_COV_BYTES,
     Centres,
     ClassAccumulator,
+    _dist_device,
+    _dist_ready,
     centres,
 )
 from deepcollapse.measure.metrics import ClassStats, Weighting, dnc_metrics, nc3
@@ -331,16 +333,6 @@ def _key_of(row: str) -> tuple[str, int]:
     """``"name#3"`` -> ``("name", 3)``; ``"name"`` -> ``("name", 1)``."""
     base, _, call = row.rpartition("#")
     return (base, int(call)) if base and call.isdigit() else (row, 1)
-
-
-def _dist_ready() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _dist_device() -> torch.device:
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 class DNCProbe:
