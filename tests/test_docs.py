@@ -158,3 +158,17 @@ def test_doc_block(block: Block, docs_env):
         state.failed = block.id
         raise
     state.done.append(block.id)
+
+
+def test_readme_is_a_front_door():
+    """README.md stays under 15,000 characters; the rest lives in docs/."""
+    assert len((ROOT / "README.md").read_text(encoding="utf-8")) <= 15_000
+
+
+def test_readme_links_exist():
+    """Every relative link of README.md (docs pages, images) points to a file of the repository."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    targets = [t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in t]
+    assert targets
+    missing = [t for t in targets if t and not (ROOT / t).exists()]
+    assert not missing, f"README.md links to missing files: {missing}"
