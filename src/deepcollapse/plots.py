@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_loss", "plot_metric_by_layer", "plot_metric_curves", "plot_metrics_vs_depth"]
+__all__ = ["plot_epoch_metrics", "plot_loss", "plot_metric_by_layer", "plot_metric_curves", "plot_metrics_vs_depth"]
 
 
 def _plt():
@@ -195,6 +195,52 @@ def plot_metric_by_layer(
     if title:
         ax.set_title(title)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_epoch_metrics(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    metrics: Sequence[str],
+    x: str = "epoch",
+    title: str = "",
+) -> Path:
+    """Metrics over epochs: one panel per metric, one line per layer (colour), one style per split.
+
+    Columns are named ``<split>/<layer>/<metric>`` (``train/fc/nc1``, as the epoch monitor writes them);
+    solid lines are the first split found (``train``), dashed the others. A panel is log-scale when all of
+    its values are positive.
+    """
+    plt = _plt()
+    cols = [c for c in dict.fromkeys(k for r in rows for k in r) if c.count("/") >= 2]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 3.9), squeeze=False)
+    xs = [r.get(x) for r in rows]
+    splits = list(dict.fromkeys(c.split("/", 1)[0] for c in cols))
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        mine = [c for c in cols if c.rsplit("/", 1)[1] == metric]
+        layers = list(dict.fromkeys(c.split("/", 1)[1].rsplit("/", 1)[0] for c in mine))
+        values = [r.get(c) for r in rows for c in mine]
+        logy = all(not isinstance(v, int | float) or v > 0 for v in values)
+        for i, layer in enumerate(layers):
+            for col in (f"{s}/{layer}/{metric}" for s in splits):
+                px, py = _finite_pos(xs, [r.get(col) for r in rows], logy)
+                if px:
+                    split = col.split("/", 1)[0]
+                    style = "-" if split == splits[0] else "--"
+                    ax.plot(px, py, style, marker=".", color=f"C{i % 10}", label=f"{layer} ({split})")
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel(x)
+        ax.set_title(metric)
+        if layers:
+            ax.legend(fontsize=7, ncol=1 + len(layers) // 6)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
