@@ -1,27 +1,38 @@
-"""NC1-NC4 over N features: streamed float64 statistics vs the published in-memory recipe.
+"""NC metrics of streamed features: `deepcollapse measure`'s path against the anchor library's recipe and the
+machine's flop bound, timed in the same run.
 
 Run by hand (not by CI)::
 
-    .venv/bin/python benchmarks/metrics_speed.py            # N=50,000, D=2,048, K=100; light path at D=32,768
-    .venv/bin/python benchmarks/metrics_speed.py --quick    # small sizes, ~30 s
+    .venv/bin/python benchmarks/metrics_speed.py                    # the CPU scenarios below, one thread
+    .venv/bin/python benchmarks/metrics_speed.py --threads 0        # torch's default threads
+    .venv/bin/python benchmarks/metrics_speed.py --quick            # small sizes, a smoke test
+    .venv/bin/python benchmarks/metrics_speed.py --gpu              # the ImageNet-sized scenario on CUDA
 
-The features come from a deterministic source that yields float32 batches (class mean + noise cycled from a
-bank of pre-generated blocks: a stand-in for reading stored features), so both methods see the same data:
+Scenarios (N samples, D features, K classes) and targets:
 
-* **baseline** -- the way the published NC code does it: keep all features in memory (concatenated
-  float32), loop over classes for a float32 within-class covariance ``Σ_W`` (D x D), ``pinv`` of the D x D
-  ``Σ_B``, ``NC1 = tr(Σ_W Σ_B⁺)/K``; NC2 from the centred means; NC3 (self-duality, not squared) against a
-  fixed classifier ``W``; NC4 from ``cdist`` of all features to the means.
-* **streamed** -- :func:`deepcollapse.measure.accumulate.accumulate_stats` (two passes over the source, float64,
-  light O(K·D) state by default) and the metric functions of :mod:`deepcollapse.metrics`.
+* ``main``  N = 100,000, D = 2,048, K = 100: >= 10x the anchor-style baseline end to end; within 2x of the
+  flop bound.
+* ``wideK`` N = 100,000, D = 512, K = 1,000: >= 3x the anchor-style baseline.
+* ``vocab`` N = 100,000, D = 256, K = 50,000 (a language model's vocabulary): peak memory within 4 GiB (the
+  process runs under an address-space limit, so a path that needs more fails instead of swapping).
+* ``gpu``   N = 1,280,000, D = 2,048, K = 1,000 on CUDA (``--gpu``, runs only where CUDA exists): under 60 s.
 
-Both run single-threaded by default (``--threads``): on a small shared machine, two OpenMP threads make every
-timing hostage to the other processes. Each method runs in its own subprocess; peak memory is that
-process's peak resident set size above what it held before the measurement started (Python, torch and the
-noise bank). Throughput is printed end to end
-(source included; the streamed method reads every batch twice: two passes) and for the metrics alone.
-The baseline is not run at D=32,768: it would need N·D·4 B of features plus several D x D float32
-matrices and an SVD of a 32,768² matrix.
+Methods, each in a fresh subprocess on the same deterministic float32 source (class mean + noise cycled from a
+bank of pre-generated blocks: a stand-in for reading stored features; its time is reported separately):
+
+* **anchor** -- NC1 the way rhubarbwu/neural-collapse computes it: two streamed passes in float32; pass 1
+  sums each class through a one-hot ``(K, B) @ (B, D)`` product; the means are ``totals / (n + eps)`` and the
+  global mean their plain average; pass 2 adds ``(h - μ_y)^T (h - μ_y)`` into a pooled float32 ``D x D``
+  ``Σ_W``; then ``NC1 = tr(pinv(Σ_B) Σ_W) / K`` with ``Σ_B`` the ``D x D`` between-class covariance. NC1 only.
+* **measure** -- what ``deepcollapse measure`` runs on one saved layer
+  (:func:`deepcollapse.measure.readers.measure_saved` with its default options, fed from the source instead
+  of a file): every metric of the layer and the per-class table, in float64 statistics.
+* **bound** -- the flop bound: one float32 ``(N x D) @ (D x min(D, K))`` product (the work an exact
+  ``O(N·D·min(D, K))`` method cannot avoid), timed on the same sizes in row blocks of the batch size.
+
+Ratios printed: anchor / measure (end to end, and with the source's time removed from both) and
+measure / bound (source removed). Peak memory is each process's peak resident set above what it held before
+the measurement started.
 """
 
 from __future__ import annotations
@@ -35,84 +46,127 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
+
+SCENARIOS = {
+    "main": {"n": 100_000, "d": 2_048, "k": 100, "batch": 1_000, "methods": ("anchor", "measure", "bound")},
+    "wideK": {"n": 100_000, "d": 512, "k": 1_000, "batch": 2_000, "methods": ("anchor", "measure", "bound")},
+    "vocab": {"n": 100_000, "d": 256, "k": 50_000, "batch": 4_000, "methods": ("measure",), "limit_gib": 4.0},
+}
+QUICK = {
+    "main": {"n": 5_000, "d": 256, "k": 10, "batch": 500, "methods": ("anchor", "measure", "bound")},
+    "wideK": {"n": 5_000, "d": 64, "k": 200, "batch": 500, "methods": ("anchor", "measure", "bound")},
+    "vocab": {"n": 20_000, "d": 32, "k": 5_000, "batch": 2_000, "methods": ("measure",), "limit_gib": 4.0},
+}
+GPU = {"n": 1_280_000, "d": 2_048, "k": 1_000, "batch": 8_192, "methods": ("anchor", "measure", "bound")}
 
 SOURCE_SECONDS = [0.0]  # time spent inside the data source, per process
 NOISE_BLOCKS = 8
 NOISE: list[torch.Tensor] = []  # pre-generated noise blocks, made before the measurement starts
 
 
-def prepare_source(d: int, batch: int, seed: int = 0) -> None:
+def prepare_source(d: int, batch: int, device: str, seed: int = 0) -> None:
     """Draw the noise bank: ``NOISE_BLOCKS`` blocks of (batch, D) standard normals (float32)."""
     g = torch.Generator().manual_seed(seed + 1)
-    NOISE[:] = [torch.randn(batch, d, generator=g) for _ in range(NOISE_BLOCKS)]
+    NOISE[:] = [torch.randn(batch, d, generator=g).to(device) for _ in range(NOISE_BLOCKS)]
 
 
-def source(n: int, d: int, k: int, batch: int, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Deterministic float32 batches ``μ_y + noise``: balanced labels (a fixed scramble of 0..K-1), class means
-    ``1 + 4 N(0, 1)/sqrt(D)``, noise cycled from the bank (one add per element: about the cost of reading
-    stored features)."""
-    if not NOISE or NOISE[0].shape != (batch, d):
-        prepare_source(d, batch, seed)
+def labels_of(n: int, k: int) -> np.ndarray:
+    """Balanced labels in a fixed scramble of ``0..K-1``."""
+    return (np.arange(n, dtype=np.int64) * 7919) % k
+
+
+def source(cfg: dict[str, Any], seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Deterministic float32 batches ``μ_y + noise`` with class means ``1 + 4 N(0, 1)/sqrt(D)``."""
+    n, d, k, batch, device = cfg["n"], cfg["d"], cfg["k"], cfg["batch"], cfg["device"]
     g = torch.Generator().manual_seed(seed)
-    means = 4.0 / d**0.5 * torch.randn(k, d, generator=g) + 1.0
+    means = (4.0 / d**0.5 * torch.randn(k, d, generator=g) + 1.0).to(device)
+    y_all = torch.from_numpy(labels_of(n, k)).to(device)
     for i, start in enumerate(range(0, n, batch)):
         t = time.perf_counter()
         b = min(batch, n - start)
-        y = (torch.arange(start, start + b) * 7919) % k
+        y = y_all[start : start + b]
         out = means[y] + NOISE[i % NOISE_BLOCKS][:b]
+        _sync(device)
         SOURCE_SECONDS[0] += time.perf_counter() - t
         yield out, y
 
 
-def classifier(k: int, d: int) -> torch.Tensor:
-    return torch.randn(k, d, generator=torch.Generator().manual_seed(12345))
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
-def baseline(cfg: dict[str, Any]) -> dict[str, float]:
-    """All features in memory, per-class covariance loop, pinv of Σ_B (the published recipe), in float32
-    (``cfg["dtype"]="float64"`` runs the same recipe in float64, as an accuracy reference)."""
-    n, d, k = cfg["n"], cfg["d"], cfg["k"]
-    dtype = getattr(torch, cfg.get("dtype", "float32"))
-    feats, labels = zip(*source(n, d, k, cfg["batch"]), strict=True)
-    h, y = torch.cat(feats).to(dtype), torch.cat(labels)
-    del feats, labels
-    means = []
-    sw = torch.zeros(d, d, dtype=dtype)
-    for c in range(k):
-        hc = h[y == c]
-        mu = hc.mean(0)
-        z = hc - mu
-        sw += z.T @ z
-        means.append(mu)
-    sw /= n
-    m = torch.stack(means)
-    mbar = m - h.mean(0)
-    sb = mbar.T @ mbar / k
-    nc1 = float(torch.trace(sw @ torch.linalg.pinv(sb))) / k
-    g = mbar @ mbar.T
-    etf = torch.eye(k, dtype=dtype) - 1.0 / k
-    nc2 = float(torch.linalg.matrix_norm(g / torch.linalg.matrix_norm(g) - etf / torch.linalg.matrix_norm(etf)))
-    w = classifier(k, d).to(dtype)
-    nc3 = float(torch.linalg.matrix_norm(w / torch.linalg.matrix_norm(w) - mbar / torch.linalg.matrix_norm(mbar)))
-    nc4 = float((torch.cdist(h, m).argmin(1) == y).double().mean())
-    return {"nc1": nc1, "nc2": nc2, "nc3": nc3, "nc4": nc4}
+def anchor(cfg: dict[str, Any]) -> dict[str, float]:
+    """NC1 as rhubarbwu/neural-collapse computes it (see the module docstring), written here from its recipe."""
+    d, k, dev, f32 = cfg["d"], cfg["k"], cfg["device"], torch.float32
+    counts = torch.zeros(k, dtype=torch.int32, device=dev)
+    totals = torch.zeros(k, d, dtype=f32, device=dev)
+    classes = torch.arange(k, device=dev)
+    for h, y in source(cfg):
+        onehot = y[:, None] == classes  # (B, K)
+        counts += onehot.sum(0, dtype=torch.int32)
+        totals += onehot.T.to(f32) @ h
+    eps = torch.finfo(f32).eps
+    means = totals / (counts[:, None] + eps).to(f32)
+    mean_g = means.mean(0)
+    sigma_w = torch.zeros(d, d, dtype=f32, device=dev)
+    for h, y in source(cfg):
+        diff = h - means[y]
+        sigma_w += diff.T @ diff
+    sigma_w /= counts.sum() + eps
+    centred = means - mean_g
+    sigma_b = centred.T @ centred / k
+    nc1 = float(torch.trace(torch.linalg.pinv(sigma_b) @ sigma_w)) / k
+    return {"nc1": nc1}
 
 
-def streamed(cfg: dict[str, Any]) -> dict[str, float]:
-    """Two streamed passes into float64 sufficient statistics, metrics from deepcollapse.metrics."""
+def measure(cfg: dict[str, Any]) -> dict[str, float]:
+    """`deepcollapse measure`'s code path on one layer fed by the source (default options)."""
+    from deepcollapse.measure.readers import LayerArray, MeasureOptions, SavedFeatures, measure_saved
+
+    if cfg["device"].startswith("cuda"):
+        return measure_on_device(cfg)
+
+    def chunks(rows: int) -> Iterator[np.ndarray]:
+        assert rows == cfg["batch"]
+        for h, _ in source(cfg):
+            yield h.numpy()
+
+    layer = LayerArray("features", (cfg["n"], cfg["d"]), chunks, np.dtype(np.float32))
+    inputs = SavedFeatures(cfg.get("path", "<source>"), [layer], labels_of(cfg["n"], cfg["k"]))
+    result = measure_saved(inputs, options=MeasureOptions(batch_size=cfg["batch"]))
+    metrics = result.layers[0].metrics
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def measure_on_device(cfg: dict[str, Any]) -> dict[str, float]:
+    """On CUDA: the library's default accumulation and metrics on batches that never leave the device."""
     from deepcollapse.measure.accumulate import accumulate_stats
-    from deepcollapse.measure.metrics import nc1, nc2_etf, nc3, nc4
+    from deepcollapse.measure.metrics import dnc_metrics
 
-    n, d, k = cfg["n"], cfg["d"], cfg["k"]
-    stats = accumulate_stats(lambda: source(n, d, k, cfg["batch"]), k, cov=cfg["cov"])
-    w = classifier(k, d)
-    return {
-        "nc1": nc1(stats),
-        "nc2": nc2_etf(stats),
-        "nc3": nc3(w, stats, method="duality", center=True),
-        "nc4": nc4(stats),
-    }
+    stats = accumulate_stats(lambda: source(cfg), cfg["k"])
+    out = {k: float(v) for k, v in dnc_metrics(stats).items() if isinstance(v, int | float)}
+    _sync(cfg["device"])
+    return out
+
+
+def bound(cfg: dict[str, Any]) -> dict[str, float]:
+    """The flop bound: float32 (N x D) @ (D x min(D, K)) in row blocks of the batch size (source excluded)."""
+    d, k, dev = cfg["d"], cfg["k"], cfg["device"]
+    right = torch.randn(d, min(d, k), device=dev)
+    acc = torch.zeros(min(d, k), device=dev)
+    acc += (NOISE[0] @ right)[0]  # warm-up, untimed
+    _sync(dev)
+    t = time.perf_counter()
+    for i in range(0, cfg["n"], cfg["batch"]):
+        h = NOISE[(i // cfg["batch"]) % NOISE_BLOCKS][: min(cfg["batch"], cfg["n"] - i)]
+        acc += (h @ right)[0]
+    _sync(dev)
+    seconds = time.perf_counter() - t
+    flops = 2.0 * cfg["n"] * d * min(d, k)
+    return {"gflops": flops / seconds / 1e9}
 
 
 def _rss_bytes() -> int:
@@ -122,17 +176,28 @@ def _rss_bytes() -> int:
 
 def worker(cfg: dict[str, Any]) -> None:
     """Run one method in this (fresh) process; print time, peak extra memory and the metrics as JSON."""
-    fn = {"baseline": baseline, "streamed": streamed}[cfg["method"]]
-    torch.manual_seed(0)
+    if cfg.get("limit_gib"):
+        lim = int(cfg["limit_gib"] * 2**30) + _rss_bytes() + 2**30  # the limit above what Python/torch hold
+        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+    fn = {"anchor": anchor, "measure": measure, "bound": bound}[cfg["method"]]
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
-    prepare_source(cfg["d"], cfg["batch"])  # shared input, not counted in either method's memory
+    prepare_source(cfg["d"], cfg["batch"], cfg["device"])  # shared input, not counted in any method's memory
+    _sync(cfg["device"])
     before = _rss_bytes()
+    if cfg["device"].startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    metrics = fn(cfg)
+    try:
+        metrics = fn(cfg)
+    except MemoryError:
+        print(json.dumps({"error": "out of memory under the address-space limit"}))
+        return
     seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    out = {"seconds": seconds, "source_seconds": SOURCE_SECONDS[0], "peak_bytes": max(peak - before, 1)}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # Linux: KiB
+    if cfg["device"].startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated()
+    out = {"seconds": seconds, "source_seconds": SOURCE_SECONDS[0], "peak_bytes": max(peak, 1)}
     print(json.dumps({**out, "metrics": metrics}))
 
 
@@ -140,92 +205,73 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True, check=False
     )
-    if proc.returncode != 0:
-        raise SystemExit(f"{cfg['method']} failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"error": f"exit code {proc.returncode}: {tail}"}
+    return json.loads(lines[-1])
 
 
-def report(label: str, cfg: dict[str, Any], res: dict[str, Any]) -> None:
-    mib = res["peak_bytes"] / 2**20
-    compute = res["seconds"] - res["source_seconds"]
-    print(
-        f"  {label:<27} {res['seconds']:7.2f} s {cfg['n'] / res['seconds']:10,.0f} samples/s"
-        f" | {compute:7.2f} s {cfg['n'] / compute:10,.0f} samples/s | {mib:9.1f} MiB"
-    )
-
-
-HEADER = f"  {'':<27} {'end to end (with source)':>32} | {'metrics only (source excluded)':>30} | {'peak extra':>12}"
-
-
-def max_rel(a: dict[str, float], b: dict[str, float]) -> float:
-    return max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-300) for k in a)
-
-
-def ratios(name: str, base: dict[str, Any], res: dict[str, Any]) -> None:
-    speed = base["seconds"] / res["seconds"]
-    speed_c = (base["seconds"] - base["source_seconds"]) / (res["seconds"] - res["source_seconds"])
-    mem = res["peak_bytes"] / base["peak_bytes"]
-    print(
-        f"  {name} / baseline: throughput x{speed:.1f} end to end, x{speed_c:.1f} metrics only;"
-        f" memory x{mem:.3f} (1/{1 / mem:.0f})"
-    )
-
-
-def show(label: str, metrics: dict[str, float]) -> None:
-    print(f"  {label:<27} " + ", ".join(f"{m}={v:.10g}" for m, v in metrics.items()))
+def scenario(name: str, cfg: dict[str, Any]) -> None:
+    n, d, k = cfg["n"], cfg["d"], cfg["k"]
+    print(f"\n{name}: N={n:,}, D={d:,}, K={k:,}, batch={cfg['batch']:,}, device={cfg['device']}")
+    res = {m: run({**cfg, "method": m}) for m in cfg["methods"]}
+    for m in ("anchor", "measure"):
+        r = res.get(m)
+        if r is None:
+            continue
+        if "error" in r:
+            print(f"  {m:<8} FAILED: {r['error']}")
+            continue
+        compute = r["seconds"] - r["source_seconds"]
+        print(
+            f"  {m:<8} {r['seconds']:8.2f} s end to end ({r['source_seconds']:.2f} s in the source, {compute:.2f} s"
+            f" computing), peak extra memory {r['peak_bytes'] / 2**20:,.0f} MiB"
+        )
+    if "bound" in res and "error" not in res["bound"]:
+        gf = res["bound"]["metrics"]["gflops"]
+        print(
+            f"  bound    {gf:8.1f} GFLOP/s float32 -> {2.0 * n * d * min(d, k) / gf / 1e9:.2f} s for one N·D·min(D,K) product"
+        )
+    a, m = res.get("anchor"), res.get("measure")
+    if a and m and "error" not in a and "error" not in m:
+        e2e = a["seconds"] / m["seconds"]
+        comp = (a["seconds"] - a["source_seconds"]) / (m["seconds"] - m["source_seconds"])
+        print(f"  measure vs anchor: x{e2e:.1f} end to end, x{comp:.1f} computing only")
+        nc1_m, nc1_a = m["metrics"]["nc1"], a["metrics"]["nc1"]
+        print(f"  NC1: measure {nc1_m:.10g}, anchor {nc1_a:.10g} (rel diff {abs(nc1_m - nc1_a) / abs(nc1_m):.1e})")
+    if m and "error" not in m and "bound" in res and "error" not in res["bound"]:
+        t_bound = 2.0 * n * d * min(d, k) / res["bound"]["metrics"]["gflops"] / 1e9
+        print(f"  measure computing / bound: x{(m['seconds'] - m['source_seconds']) / t_bound:.2f}")
+    if m and "error" not in m and cfg.get("limit_gib"):
+        ok = m["peak_bytes"] <= cfg["limit_gib"] * 2**30
+        print(f"  peak memory {m['peak_bytes'] / 2**30:.2f} GiB ({'within' if ok else 'ABOVE'} {cfg['limit_gib']} GiB)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="N=5,000, D=256, K=10; light path at D=4,096")
-    p.add_argument("--n", type=int, default=None)
-    p.add_argument("--d", type=int, default=None)
-    p.add_argument("--k", type=int, default=None)
-    p.add_argument("--d-light", type=int, default=None, help="D of the light-path-only run (0 skips it)")
-    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
+    p.add_argument("--only", default=None, help="comma-separated scenarios (main, wideK, vocab)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each run (0: torch's default)")
-    p.add_argument("--with-full", action="store_true", help="also time the streamed full (D x D) path")
-    p.add_argument("--no-check", action="store_true", help="skip the float64 run of the baseline recipe")
+    p.add_argument("--gpu", action="store_true", help="run the ImageNet-sized scenario on CUDA (if available)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         worker(json.loads(a.worker))
         return
-    n, d, k, d_light, batch = (5_000, 256, 10, 4_096, 500) if a.quick else (50_000, 2_048, 100, 32_768, 1_000)
-    n, d, k = a.n or n, a.d or d, a.k or k
-    d_light = d_light if a.d_light is None else a.d_light
-    cfg = {"n": n, "d": d, "k": k, "batch": a.batch or batch, "threads": a.threads}
     threads = a.threads or torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} thread(s); N={n:,}, K={k}, batch={cfg['batch']}")
-
-    print(f"\nD = {d:,}\n{HEADER}")
-    base = run({**cfg, "method": "baseline"})
-    report("baseline (in memory, f32)", cfg, base)
-    results = {"streamed light": run({**cfg, "method": "streamed", "cov": "light"})}
-    report("streamed light (f64)", cfg, results["streamed light"])
-    if a.with_full:
-        results["streamed full"] = run({**cfg, "method": "streamed", "cov": "full"})
-        report("streamed full D x D (f64)", cfg, results["streamed full"])
-    for name, res in results.items():
-        ratios(name, base, res)
-    show("baseline f32:", base["metrics"])
-    for name, res in results.items():
-        show(f"{name}:", res["metrics"])
-        print(f"  {'':<27} max rel diff vs baseline f32: {max_rel(res['metrics'], base['metrics']):.1e}")
-    if not a.no_check:
-        ref = run({**cfg, "method": "baseline", "dtype": "float64"})
-        show("baseline recipe in f64:", ref["metrics"])
-        for name, res in results.items():
-            print(f"  {name} vs baseline recipe in f64: max rel diff {max_rel(res['metrics'], ref['metrics']):.1e}")
-
-    if d_light:
-        cfg_l = {**cfg, "d": d_light, "batch": a.batch or max(64, cfg["batch"] * d // d_light)}  # same bytes/batch
-        print(f"\nD = {d_light:,}, light path only, batch={cfg_l['batch']}\n{HEADER}")
-        res = run({**cfg_l, "method": "streamed", "cov": "light"})
-        report("streamed light (f64)", cfg_l, res)
-        need = (n * d_light * 4 + 3 * d_light * d_light * 4) / 2**30
-        print(f"  baseline not run: it would hold >= {need:.1f} GiB (features + 3 D x D float32) and SVD a D x D")
-        show("streamed light:", res["metrics"])
+    print(f"torch {torch.__version__}, numpy {np.__version__}, {threads} thread(s) per process")
+    if a.gpu:
+        if not torch.cuda.is_available():
+            print("--gpu: CUDA is not available here; skipped")
+            return
+        print(f"GPU: {torch.cuda.get_device_name()}")
+        scenario("gpu", {**GPU, "device": "cuda", "threads": a.threads})
+        return
+    table = QUICK if a.quick else SCENARIOS
+    names = a.only.split(",") if a.only else list(table)
+    for name in names:
+        scenario(name, {**table[name], "device": "cpu", "threads": a.threads})
 
 
 if __name__ == "__main__":
