@@ -43,6 +43,7 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "DataConfig",
     "Dataset",
+    "check_cifar10",
     "load_cifar",
     "load_dataset",
     "load_digits",
@@ -236,6 +237,26 @@ def load_cifar(root: str | Path, *, num_classes: int = 10) -> Raw:
     else:
         raise DeepCollapseError(f"CIFAR has 10 or 100 classes, got {num_classes}")
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), xte, yte
+
+
+def check_cifar10(root: str | Path) -> Path:
+    """The CIFAR-10 batches directory under ``root`` (itself or ``cifar-10-batches-py``), checked cheaply.
+
+    All six batch files must exist and ``test_batch`` must be a CIFAR python batch of (N, 3072) images;
+    anything else raises a one-line :class:`DeepCollapseError` naming ``root``.
+    """
+    root = Path(root)
+    base = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+    if not base.is_dir():
+        raise DeepCollapseError(f"cifar10 path {root} is not a directory")
+    missing = [f for f in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch") if not (base / f).is_file()]
+    if missing:
+        raise DeepCollapseError(
+            f"cifar10 path {root} holds no CIFAR-10 python batches (missing {', '.join(missing)}; "
+            "expected cifar-10-batches-py/ or its contents)"
+        )
+    _cifar_batch(base / "test_batch", b"labels")
+    return base
 
 
 def load_npz(path: str | Path) -> Raw:

@@ -43,6 +43,7 @@ from deepcollapse.measure import metrics as M
 from deepcollapse.nets.data import DataConfig, Dataset, load_dataset
 from deepcollapse.nets.models import DUFMNet, NetConfig, build_net
 from deepcollapse.theory import closed_form as theory
+from deepcollapse.theory.analysis import analyze_solution
 
 __all__ = [
     "BACKBONE_DEFAULTS",
@@ -738,6 +739,10 @@ def _finish(
     _, _, out_te = collect_features(model, data.x_test.to(device))
     _, layers = epoch_metrics([h1, *hidden, outp], y, k, model.head.weights())
     theory_block = compare_with_theory(h1, model.head.weights(), data.y_train, config, num_classes=k)
+    analysis = None
+    if "skipped" not in theory_block:
+        cfg = _dufm_config(config, num_classes=k, n=data.n_per_class)
+        analysis = analyze_solution(h1.T, model.head.weights(), cfg)
     fit_block: dict[str, Any] | None = None
     if config.fit_optimal_epochs > 0 and not config.net.head_bias:
         fit_block = fit_to_optimal(data, config, device=device, epochs=config.fit_optimal_epochs)
@@ -754,6 +759,7 @@ def _finish(
         "nc1_first_epoch": {nm: first.get(f"nc1_{nm}") for nm in names},
         "nc1_last_epoch": {nm: last.get(f"nc1_{nm}") for nm in names},
         "theory": theory_block,
+        "analysis": analysis,
         "fit_optimal": fit_block,
         "config": config.to_dict(),
     }
