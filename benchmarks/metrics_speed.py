@@ -230,9 +230,8 @@ def scenario(name: str, cfg: dict[str, Any]) -> None:
         )
     if "bound" in res and "error" not in res["bound"]:
         gf = res["bound"]["metrics"]["gflops"]
-        print(
-            f"  bound    {gf:8.1f} GFLOP/s float32 -> {2.0 * n * d * min(d, k) / gf / 1e9:.2f} s for one N·D·min(D,K) product"
-        )
+        t_bound = 2.0 * n * d * min(d, k) / gf / 1e9
+        print(f"  bound    {gf:8.1f} GFLOP/s float32 -> {t_bound:.2f} s for one N·D·min(D,K) product")
     a, m = res.get("anchor"), res.get("measure")
     if a and m and "error" not in a and "error" not in m:
         e2e = a["seconds"] / m["seconds"]
