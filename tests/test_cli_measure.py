@@ -337,6 +337,8 @@ def test_bad_input_one_line_and_no_files(tmp_path: Path, arrays) -> None:
         )
     assert "--classes [7] lie outside 0..4" in one_line_error(tmp_path, arrays, "--classes", "0,7")
     assert "single measured class" in one_line_error(tmp_path, arrays, "--classes", "2")
+    for text in ("-1", "3-1", "a", "1,,2"):
+        assert "--classes takes labels and ranges" in one_line_error(tmp_path, arrays, "--classes", text)
     np.save(tmp_path / "w.npy", np.ones((5, 2)))
     msg = one_line_error(tmp_path, arrays, "--weight", tmp_path / "w.npy")
     assert "--weight must be (num_classes, D) = (5, 6)" in msg

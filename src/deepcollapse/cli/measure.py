@@ -10,12 +10,14 @@ and class) and ``metrics_vs_depth.png``; see docs/outputs.md.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from deepcollapse.cli.common import console, handle_errors, parse_list, print_table, resolve_device
+from deepcollapse._validate import DeepCollapseError
+from deepcollapse.cli.common import console, handle_errors, print_table, resolve_device
 from deepcollapse.files import check_out_dir, prepare_out_dir, write_csv, write_json
 from deepcollapse.measure.readers import Measurement, MeasureOptions, load_inputs, measure_saved
 from deepcollapse.plots import plot_metrics_vs_depth
@@ -32,10 +34,10 @@ def parse_classes(text: str | None) -> list[int] | None:
         return None
     out: set[int] = set()
     for part in str(text).split(","):
-        lo, sep, hi = part.strip().partition("-")
-        bounds = parse_list("classes", f"{lo},{hi}" if sep else lo, int)
-        lo_i, hi_i = (bounds, bounds) if isinstance(bounds, int) else bounds
-        out.update(range(lo_i, hi_i + 1))
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise DeepCollapseError(f"--classes takes labels and ranges such as 0,3,5-9; got {part.strip()!r}")
+        out.update(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
     return sorted(out)
 
 
