@@ -21,6 +21,7 @@ classifier's shape, the options); errors name the Python parameter at fault.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from deepcollapse._validate import DeepCollapseError, check_positive_int
-from deepcollapse.measure.accumulate import accumulate_stats, centres
+from deepcollapse.measure.accumulate import ClassAccumulator, accumulate_stats, centres
 from deepcollapse.measure.metrics import F64, ClassStats, cdnv, centred_means, dnc_metrics, nc3
 from deepcollapse.measure.probe import nearest_centre
 
@@ -335,23 +336,29 @@ def select_classes(
 # ------------------------------------------------------------------------------------------- options
 
 
+def _default(fn: Callable[..., Any], name: str) -> Any:
+    """The default of parameter ``name`` of ``fn``: options shared with the library keep its one default."""
+    return inspect.signature(fn).parameters[name].default
+
+
 @dataclass(frozen=True)
 class MeasureOptions:
     """How :func:`measure_saved` streams and measures: one place for every default.
 
     ``batch_size`` rows read at a time; ``device`` where the statistics accumulate; ``passes`` and ``cov``
     as in :class:`~deepcollapse.measure.accumulate.ClassAccumulator` (``None``: its default);
-    ``normalize`` and ``weighting`` as in :func:`~deepcollapse.measure.metrics.dnc_metrics`; ``rtol`` the
+    ``normalize`` and ``weighting`` as in :func:`~deepcollapse.measure.metrics.dnc_metrics` (their defaults are
+    read from those signatures); ``rtol`` the
     relative singular-value cutoff of every pseudo-inverse and rank (``None``: the precision of the features
     as given).
     """
 
     batch_size: int = 4096
     device: str = "cpu"
-    passes: int = 2
+    passes: int = _default(ClassAccumulator, "passes")
     cov: str | None = None
-    normalize: bool = True
-    weighting: str = "samples"
+    normalize: bool = _default(dnc_metrics, "normalize")
+    weighting: str = _default(dnc_metrics, "weighting")
     rtol: float | None = None
 
     def __post_init__(self) -> None:
