@@ -51,3 +51,92 @@ def np_dnc(
             mib = mi - inp.mean(0)
             out["nc3_duality"] = float(np.linalg.norm(weight / np.linalg.norm(weight) - mib / np.linalg.norm(mib)))
     return out
+
+
+# ------------------------------------------------------------------ the conventions table, from each definition
+
+EPS64 = float(np.finfo(np.float64).eps)
+
+
+def np_cutoff(h: np.ndarray, y: np.ndarray, classes: list[int], w: np.ndarray | None, eps_in: float, factor: float):
+    """The documented precision cutoff ``τ = factor·(ε_in + max n_c ε_64)·||I - 1w^T||_2·R`` (``w=None``: no
+    centring), ``R² = Σ_c mean_{i∈c} ||h_i||²``; ``||A||_2`` by a dense SVD here."""
+    r = np.sqrt(sum((h[y == c] ** 2).sum(1).mean() for c in classes))
+    n_max = max((y == c).sum() for c in classes)
+    a = 1.0 if w is None else np.linalg.norm(np.eye(len(classes)) - np.outer(np.ones(len(classes)), w), 2)
+    return factor * (eps_in + n_max * EPS64) * a * r
+
+
+def np_conventions(
+    h: np.ndarray,
+    y: np.ndarray,
+    *,
+    eps_in: float,
+    factor: float,
+    weighting: str = "samples",
+    weight: np.ndarray | None = None,
+    pred: np.ndarray | None = None,
+    rank_rtol: float = 1e-3,
+) -> dict[str, float]:
+    """Every metric of the conventions table over the classes present in ``y``, straight from its source's
+    definition: D x D Σ_W and Σ_B from all samples, Σ_B⁺ from the SVD of the centred means with the
+    documented cutoff, pair statistics by explicit double loops."""
+    h = np.asarray(h, dtype=np.float64).reshape(len(h), -1)
+    classes = sorted(set(y.tolist()))
+    k, n = len(classes), len(h)
+    means = np.stack([h[y == c].mean(0) for c in classes])
+    counts = np.array([(y == c).sum() for c in classes])
+    w = counts / n if weighting == "samples" else np.full(k, 1.0 / k)
+    mu_g = w @ means
+    mbar = means - mu_g
+    e = h - means[np.searchsorted(classes, y)]
+    sw = e.T @ e / n
+    sb = mbar.T @ mbar / k
+    var = np.array([(e[y == c] ** 2).sum(1).mean() for c in classes])
+    _, s, vt = np.linalg.svd(mbar, full_matrices=False)
+    tau = np_cutoff(h, y, classes, w, eps_in, factor)
+    keep = (s > tau) & (np.arange(len(s)) < k - 1)
+    sb_pinv = (vt[keep].T / s[keep] ** 2) @ vt[keep] * k
+    out: dict[str, float] = {}
+    tr = float(np.trace(sw @ sb_pinv)) if keep.any() else float("inf")
+    out["nc1"], out["nc1_unnormalized"] = tr / k, tr
+    out["nc1_quotient"] = float(np.trace(sw) / np.trace(sb))
+    etf = (np.eye(k) - np.ones((k, k)) / k) / np.sqrt(k - 1)
+    g = mbar @ mbar.T
+    out["nc2_etf"] = float(np.linalg.norm(g / np.linalg.norm(g) - etf))
+    gu = means @ means.T
+    out["nc2_orth"] = float(np.linalg.norm(gu / np.linalg.norm(gu) - np.eye(k) / np.sqrt(k)))
+    norms = np.linalg.norm(mbar, axis=1)
+    out["nc2_equinorm"] = float(norms.std() / norms.mean())
+    cos, cdnv = [], []
+    for a in range(k):
+        for b in range(k):
+            if a != b:
+                cos.append(mbar[a] @ mbar[b] / (norms[a] * norms[b]))
+                cdnv.append((var[a] + var[b]) / (2 * np.sum((means[a] - means[b]) ** 2)))
+    cos = np.array(cos)
+    out["nc2_equiangle"] = float(cos.std())
+    out["nc2_maxangle"] = float(np.abs(cos + 1.0 / (k - 1)).mean())
+    out["cdnv"] = float(np.mean(cdnv))
+    dist = ((h[:, None, :] - means[None]) ** 2).sum(-1)
+    ncc = np.array(classes)[dist.argmin(1)]
+    out["ncc_accuracy"] = float((ncc == y).mean())
+    if pred is not None:
+        out["nc4"] = float((ncc != pred).mean())
+    if weight is not None:
+        wt = np.asarray(weight, dtype=np.float64)
+        _, su, vu = np.linalg.svd(means, full_matrices=False)
+        basis = vu[su > np_cutoff(h, y, classes, None, eps_in, factor)]
+        out["nc3_span"] = float(np.linalg.norm(wt - wt @ basis.T @ basis) / np.linalg.norm(wt))
+        if wt.shape[0] == k:
+            out["nc3_duality"] = float(np.linalg.norm(wt / np.linalg.norm(wt) - mbar / np.linalg.norm(mbar)))
+            out["nc3_duality_uncentred"] = float(
+                np.linalg.norm(wt / np.linalg.norm(wt) - means / np.linalg.norm(means))
+            )
+            x = wt @ mbar.T
+            out["nc3_zhu"] = float(np.linalg.norm(x / np.linalg.norm(x) - etf))
+    su = np.linalg.svd(means, compute_uv=False)
+    out["rank"] = float((su > max(rank_rtol * su.max(), np_cutoff(h, y, classes, None, eps_in, factor))).sum())
+    out["rank_centred"] = float((s > max(rank_rtol * s.max(), tau)).sum())
+    out["mean_norm"] = float(np.linalg.norm(means, axis=1).mean())
+    return out

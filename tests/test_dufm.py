@@ -62,7 +62,7 @@ def test_layer_metrics_cover_every_layer_and_stage():
     m = DUFM(cfg)
     rows = layer_metrics(m.h1, list(m.weights), m.labels, 2)
     assert [(r["layer"], r["stage"]) for r in rows] == [(1, "free"), (2, "pre"), (2, "post"), (3, "pre"), (3, "post")]
-    assert all("nc3" in r for r in rows if r["stage"] != "pre")
+    assert all("nc3_span" in r for r in rows if r["stage"] != "pre")
 
 
 @pytest.mark.parametrize(

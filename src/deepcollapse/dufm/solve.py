@@ -132,8 +132,8 @@ def flat_metrics(layers: list[dict[str, Any]]) -> dict[str, float]:
             row[f"nc2_l{l}"] = e["nc2_orth"]
         else:
             row[f"nc2etf_l{l}"] = e["nc2_etf"]
-        if "nc3" in e:
-            row[f"nc3_l{l}"] = e["nc3"]
+        if "nc3_span" in e:
+            row[f"nc3_l{l}"] = e["nc3_span"]
         row[f"rank_l{l}"] = e["rank"]
     return row
 

@@ -56,9 +56,11 @@ def _theory_block(cfg: DUFMConfig) -> dict[str, Any] | None:
 def _layer_entries(layers: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Split :func:`dufm.layer_metrics` rows into per-layer (H1, post-ReLU) and pre-activation entries."""
     main, pre = [], []
-    keep = ("nc1", "nc2_etf", "nc2_orth", "nc3", "nc3_duality", "nc4", "cdnv", "equinorm", "rank", "mean_norm")
+    # output name -> dnc_metrics name (the metrics registry renamed nc3, nc4 and equinorm)
+    keep = {k: k for k in ("nc1", "nc2_etf", "nc2_orth", "nc3_duality", "cdnv", "rank", "mean_norm")}
+    keep |= {"nc3": "nc3_span", "nc4": "ncc_accuracy", "equinorm": "nc2_equinorm"}
     for e in layers:
-        entry = {"layer": e["layer"], "stage": e["stage"], **{k: e[k] for k in keep if k in e}}
+        entry = {"layer": e["layer"], "stage": e["stage"], **{k: e[v] for k, v in keep.items() if v in e}}
         if e["stage"] == "pre":
             pre.append(entry)
         else:

@@ -2,42 +2,44 @@ r"""Streaming float64 sufficient statistics for the NC metrics (docs/conventions
 
 Features arrive batch by batch as ``(B, ...)`` tensors (flattened to ``(B, D)``) with integer labels in
 ``0..K-1``. The accumulators keep only sufficient statistics, in float64 on the features' device, and end
-in a :class:`~deepcollapse.metrics.ClassStats`, so every metric keeps its one definition in
-:mod:`deepcollapse.metrics`.
+in a :class:`~deepcollapse.measure.stats.ClassStats`, so every metric keeps its one definition in
+:mod:`deepcollapse.measure.metrics`.
 
-Two modes.
+Two passes (exact; the default). Pass 1 sums per class, ``n_c`` and ``s_c = Σ_{i∈c} h_i`` (float64), giving
+``μ_c = s_c / n_c``. Pass 2 streams the same data again and accumulates moments of the *centred* features
+``e_i = h_i - μ_{y_i}`` (formed in float64, so no cancellation however far the features sit from the origin):
+the per-class sums ``Σ_{i∈c} ||e_i||²``, the nearest-class-centre counts, and one of
 
-* **Two passes** (exact; the default). Pass 1 sums per class, ``n_c`` and ``s_c = Σ_{i∈c} h_i``, giving
-  ``μ_c = s_c / n_c``. Pass 2 streams the same data again and accumulates moments of the *centred*
-  features ``e_i = h_i - μ_{y_i}``: the per-class sums ``Σ_{i∈c} ||e_i||²``, the ``K x K`` matrix
-  ``Σ_i (M_r e_i)(M_r e_i)^T = N · M_r Σ_W M_r^T`` with the means shifted by the sample mean ``r``
-  (``M_r = M - 1r^T``, the ``centre`` of :class:`~deepcollapse.metrics.ClassStats`: no cancellation when
-  the features sit far from the origin) and the nearest-class-centre counts (NC4), plus, on the full path
-  only, the ``D x D`` scatter ``Σ_i e_i e_i^T = N Σ_W``.
-* **One pass** (Welford/Chan). Each batch's own exact statistics (count, mean, centred scatter) are merged
-  into the running ones with Chan et al.'s pairwise update,
-  ``M2 = M2_a + M2_b + δ δ^T n_a n_b / n`` with ``δ = μ_b - μ_a``, pooled over classes. No
-  ``E[hh^T] - E[h]E[h]^T`` cancellation occurs. One pass always needs the ``D x D`` scatter:
-  ``M_r Σ_W M_r^T`` depends on the *final* means, unknown until the data end. NC4 also needs the final
-  means, so one-pass statistics carry no nearest-class-centre counts (``ncc_correct=None``; use two passes
-  for NC4).
+* the **Gram path** (``cov="light"``): ``p_i = M_r e_i`` (``M_r = M - 1r^T``, ``r`` the sample mean) and the
+  ``K x K`` matrix ``Σ_i p_i p_i^T = N · M_r Σ_W M_r^T``: ``O(N·D·K)`` work, ``O(K·D)`` memory;
+* the **covariance path** (``cov="full"``): the ``D x D`` scatter ``Σ_i e_i e_i^T = N Σ_W``: ``O(N·D²)`` work
+  (plus the Gram matrix when ``K <= D``, so that both NC1 paths can be compared).
 
-Memory. The full path holds ``D²`` doubles per layer; the light path ``O(K·D)`` and gets NC1 from the
-``K x K`` Gram identity (:func:`deepcollapse.metrics.nc1`, ``method="gram"``), so flattened conv maps
-with ``D`` in the tens of thousands fit. ``cov="auto"`` keeps ``Σ_W`` only while ``8 D²`` bytes stay
-within ``max_cov_bytes``. In two-pass mode both paths give the same metrics; the light path is also
-much faster (``O(N·D·K)`` instead of ``O(N·D²)``).
+``cov="auto"`` (the default) takes the cheaper exact one: the Gram path when ``K < D``, the covariance path
+when ``D <= K`` -- ``O(N·D·min(D, K))`` in all. The nearest-class-centre rule adds ``O(N·D·K)`` (its
+``B x K`` scores are tiled in ``tile_bytes``). All products run in float64: the error analysis in
+docs/conventions.md shows that float32 products cannot meet a ``1e-6`` relative guarantee when the
+within-class scatter along the means is much smaller than across them.
 
-Merging. Two-pass states (:class:`MomentState`, :class:`SpreadState`) merge by summation, so batches,
-shards and ranks combine exactly; :meth:`ClassAccumulator.sync` all-reduces them over
-``torch.distributed`` when it is initialized. One-pass states (:class:`WelfordState`) merge pairwise
-(:func:`merge_welford`); across ranks they are first re-centred on the global class means (parallel-axis
-theorem), which again makes the reduction a sum.
+One pass (Welford/Chan). Each batch's exact statistics (count, mean, centred scatter) are merged into the
+running ones with Chan et al.'s pairwise update ``M2 = M2_a + M2_b + δ δ^T n_a n_b / n``, pooled over
+classes; it needs the ``D x D`` scatter and carries no nearest-class-centre counts.
+
+Classes. Labels need not cover ``0..K-1``: classes without samples are dropped with a warning and the
+measured ones are recorded in ``ClassStats.classes``; ``classes=`` restricts the measurement explicitly.
+Fixed means (``means=``, e.g. the training set's): a single pass measures spread, NCC and NC4 about them
+(the protocol of Galanti et al. for test sets). Classifier ``predictions`` given in pass 2 give NC4.
+
+Merging. Two-pass states merge by summation, so batches, shards and ranks combine exactly;
+:meth:`ClassAccumulator.sync` all-reduces them over ``torch.distributed`` when it is initialized. One-pass
+states merge pairwise (:func:`merge_welford`); across ranks they are first re-centred on the global class
+means (parallel-axis theorem), which again makes the reduction a sum.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
@@ -45,7 +47,8 @@ import torch
 from torch import Tensor
 
 from deepcollapse._validate import DeepCollapseError, check_finite, check_labels
-from deepcollapse.measure.metrics import ClassStats
+from deepcollapse.measure.pairwise import DEFAULT_TILE_BYTES, block_rows
+from deepcollapse.measure.stats import EPS64, ClassStats, dtype_eps
 
 __all__ = [
     "DEFAULT_MAX_COV_BYTES",
@@ -57,6 +60,8 @@ __all__ = [
     "accumulate_stats",
     "batch_welford",
     "centres",
+    "choose_cov",
+    "class_stats",
     "init_moments",
     "init_spread",
     "init_welford",
@@ -76,12 +81,18 @@ __all__ = [
 F64 = torch.float64
 I64 = torch.int64
 Cov = Literal["auto", "full", "light"]
-DEFAULT_MAX_COV_BYTES = 64 * 2**20  # a D x D float64 Σ_W is kept up to D = 2896
+DEFAULT_MAX_COV_BYTES = 64 * 2**20  # one-pass mode refuses a D x D float64 scatter above this (D = 2896)
 # Batches are processed in row chunks of about CHUNK_ELEMENTS values (2 MiB in float64), so that the float64
-# temporaries of a chunk stay in cache (2-3x faster than whole batches on a CPU), but at least MIN_CHUNK_ROWS
-# rows, so that the (rows x D) @ (D x K) product stays compute-bound for large D.
+# temporaries of a chunk stay in cache, but at least MIN_CHUNK_ROWS rows, so that the products stay compute-bound.
 CHUNK_ELEMENTS = 2**18
 MIN_CHUNK_ROWS = 64
+
+
+def choose_cov(num_classes: int, dim: int, cov: Cov = "auto") -> Literal["full", "light"]:
+    """The pass-2 path: ``"light"`` (Gram, O(N·D·K)) when ``K < D``, else ``"full"`` (covariance, O(N·D²))."""
+    if cov == "auto":
+        return "light" if num_classes < dim else "full"
+    return cov
 
 
 # --------------------------------------------------------------------------------------------- input
@@ -180,85 +191,128 @@ def means_of(state: MomentState, *, name: str = "features") -> Tensor:
 @dataclass(frozen=True)
 class Centres:
     """Fixed class means for pass 2: ``means`` (K, D), the reference point ``centre`` (D,) ``r``,
-    ``shifted`` (K, D) ``M_r = M - 1r^T`` and ``dist2`` (K, K) ``||μ_a - μ_b||²``."""
+    ``shifted`` (K, D) ``M_r = M - 1r^T``, ``sqnorm`` (K,) ``||μ_c - r||²`` and, for the Gram path's NCC rule,
+    ``dist2`` (K, K) ``||μ_a - μ_b||²`` (else ``None``)."""
 
     means: Tensor
     centre: Tensor
     shifted: Tensor
-    dist2: Tensor
+    sqnorm: Tensor
+    dist2: Tensor | None = None
 
 
-def centres(means: Tensor, counts: Tensor | None = None) -> Centres:
+def centres(means: Tensor, counts: Tensor | None = None, *, pairwise: bool = True) -> Centres:
     """Pass-2 reference built once from the final class means.
 
     ``r`` is the sample mean ``Σ_c n_c μ_c / N`` (the plain average of the means without ``counts``); any
-    ``r`` gives the same NC1, a central one avoids cancellation. Distances are computed without the Gram trick.
+    ``r`` gives the same NC1, a central one avoids cancellation. ``pairwise`` computes the ``K x K`` distances
+    (without the Gram trick).
     """
     m = means.to(F64)
     w = torch.full((m.shape[0],), 1.0 / m.shape[0], dtype=F64, device=m.device)
     if counts is not None:
         w = counts.to(device=m.device, dtype=F64) / counts.sum()
     r = w @ m
-    d = torch.cdist(m[None], m[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
-    return Centres(m, r, m - r, d.pow(2))
+    d = None
+    if pairwise:
+        d = torch.cdist(m[None], m[None], compute_mode="donot_use_mm_for_euclid_dist")[0].pow(2)
+    shifted = m - r
+    return Centres(m, r, shifted, shifted.pow(2).sum(1), d)
 
 
 @dataclass(frozen=True)
 class SpreadState:
     """Pass-2 statistics about fixed means ``M``, with ``e_i = h_i - μ_{y_i}``.
 
-    ``counts`` (K,) ``n_c``; ``within_sq`` (K,) ``Σ_{i∈c} ||e_i||²``; ``proj`` (K, K) ``Σ_i (M_r e_i)(M_r e_i)^T``;
-    ``scatter`` (D, D) ``Σ_i e_i e_i^T`` or ``None`` (light path); ``ncc_correct`` (K,) samples whose
-    nearest class mean is their own, or ``None``.
+    ``counts`` (K,) ``n_c``; ``within_sq`` (K,) ``Σ_{i∈c} ||e_i||²``; ``proj`` (K, K) ``Σ_i (M_r e_i)(M_r e_i)^T``
+    or ``None``; ``scatter`` (D, D) ``Σ_i e_i e_i^T`` or ``None``; ``ncc_correct`` (K,) samples whose nearest
+    class mean is their own, or ``None``; ``nc4_disagree`` (K,) samples whose classifier prediction differs
+    from the nearest class mean, or ``None``.
     """
 
     counts: Tensor
     within_sq: Tensor
-    proj: Tensor
+    proj: Tensor | None = None
     scatter: Tensor | None = None
     ncc_correct: Tensor | None = None
+    nc4_disagree: Tensor | None = None
 
 
 def init_spread(
     num_classes: int,
     dim: int,
     *,
-    full_cov: bool = False,
+    cov: Cov = "auto",
     ncc: bool = True,
+    nc4: bool = False,
     device: torch.device | str | None = None,
 ) -> SpreadState:
-    """Zero pass-2 state; ``full_cov`` keeps the ``D x D`` scatter, ``ncc`` the NC4 counts."""
-    k = num_classes
+    """Zero pass-2 state for the path ``cov`` (:func:`choose_cov`); ``ncc`` and ``nc4`` keep those counts."""
+    k, path = num_classes, choose_cov(num_classes, dim, cov)
+
+    def zeros(*shape: int, dtype: torch.dtype = F64) -> Tensor:
+        return torch.zeros(*shape, dtype=dtype, device=device)
+
     return SpreadState(
-        counts=torch.zeros(k, dtype=I64, device=device),
-        within_sq=torch.zeros(k, dtype=F64, device=device),
-        proj=torch.zeros(k, k, dtype=F64, device=device),
-        scatter=torch.zeros(dim, dim, dtype=F64, device=device) if full_cov else None,
-        ncc_correct=torch.zeros(k, dtype=I64, device=device) if ncc else None,
+        counts=zeros(k, dtype=I64),
+        within_sq=zeros(k),
+        proj=zeros(k, k) if path == "light" or k <= dim else None,
+        scatter=zeros(dim, dim) if path == "full" else None,
+        ncc_correct=zeros(k, dtype=I64) if ncc else None,
+        nc4_disagree=zeros(k, dtype=I64) if nc4 else None,
     )
 
 
-def update_spread(state: SpreadState, h: Tensor, y: Tensor, ref: Centres) -> SpreadState:
+def _nearest(h: Tensor, e: Tensor, p: Tensor | None, y: Tensor, ref: Centres, tile_bytes: int) -> Tensor:
+    """Nearest class mean of each row (B,). With the Gram path's ``p = e M_r^T``:
+    ``||h_i - μ_c||² - ||e_i||² = 2 (p_{i,y_i} - p_{i,c}) + ||μ_{y_i} - μ_c||²``; otherwise, tiled over classes,
+    ``argmin_c ||m_c||² - 2 g_i·m_c`` with ``g_i = h_i - r`` (``r`` cancels; no large-norm cancellation)."""
+    if p is not None and ref.dist2 is not None:
+        own = p.gather(1, y[:, None])
+        return (2.0 * (own - p) + ref.dist2.index_select(0, y)).argmin(1)
+    g = torch.sub(h, ref.centre)
+    step = block_rows(g.shape[0], tile_bytes)
+    best = torch.full((g.shape[0],), float("inf"), dtype=F64, device=g.device)
+    arg = torch.zeros(g.shape[0], dtype=I64, device=g.device)
+    for s in range(0, ref.shifted.shape[0], step):
+        val, idx = (ref.sqnorm[s : s + step][None, :] - 2.0 * (g @ ref.shifted[s : s + step].T)).min(1)
+        better = val < best
+        best, arg = torch.where(better, val, best), torch.where(better, idx + s, arg)
+    return arg
+
+
+def update_spread(
+    state: SpreadState,
+    h: Tensor,
+    y: Tensor,
+    ref: Centres,
+    *,
+    predictions: Tensor | None = None,
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+) -> SpreadState:
     """Add a prepared batch's centred moments about ``ref.means``.
 
-    With ``e_i = h_i - μ_{y_i}`` and ``p_i = M_r e_i`` (one ``B x D x K`` product serves NC1 and NC4):
-    ``proj += Σ p_i p_i^T``; NC4's nearest centre minimises (``r`` cancels)
-    ``||h_i - μ_c||² - ||e_i||² = 2 (p_{i,y_i} - p_{i,c}) + ||μ_{y_i} - μ_c||²`` (no large-norm cancellation).
+    ``predictions`` (B,), in the same class indices as ``y``, are compared with the nearest class mean for NC4.
     """
     e = torch.sub(h, ref.means.index_select(0, y))  # float64 by type promotion, one pass over h
-    p = e @ ref.shifted.T  # (B, K)
+    p = None if state.proj is None else e @ ref.shifted.T  # (B, K)
     k = state.counts.numel()
-    ncc = state.ncc_correct
-    if ncc is not None:
-        own = p.gather(1, y[:, None])
-        pred = (2.0 * (own - p) + ref.dist2.index_select(0, y)).argmin(1)
-        ncc = ncc.index_add(0, y, (pred == y).to(I64))
+    ncc, nc4 = state.ncc_correct, state.nc4_disagree
+    if ncc is not None or nc4 is not None:
+        pred = _nearest(h, e, p, y, ref, tile_bytes)
+        if ncc is not None:
+            ncc = ncc.index_add(0, y, (pred == y).to(I64))
+        if nc4 is not None:
+            if predictions is None:
+                raise DeepCollapseError("predictions are needed for every batch of the pass once given for one")
+            nc4 = nc4.index_add(0, y, (pred != predictions).to(I64))
     return SpreadState(
         counts=state.counts + torch.bincount(y, minlength=k),
         within_sq=state.within_sq.index_add(0, y, torch.linalg.vecdot(e, e)),
-        proj=torch.addmm(state.proj, p.T, p),
+        proj=None if p is None else torch.addmm(state.proj, p.T, p),
         scatter=None if state.scatter is None else torch.addmm(state.scatter, e.T, e),
         ncc_correct=ncc,
+        nc4_disagree=nc4,
     )
 
 
@@ -267,17 +321,20 @@ def merge_spread(a: SpreadState, b: SpreadState) -> SpreadState:
     return SpreadState(*(None if x is None else x + z for x, z in zip(_tensors(a), _tensors(b), strict=True)))
 
 
-def spread_stats(state: SpreadState, ref: Centres) -> ClassStats:
+def spread_stats(state: SpreadState, ref: Centres, *, eps: float = EPS64, classes: Tensor | None = None) -> ClassStats:
     """``ClassStats`` from pass 2: ``within_trace = Σ||e||²/n_c``, ``M_r Σ_W M_r^T = proj/N``, ``Σ_W = scatter/N``."""
     n = float(state.counts.sum())
     return ClassStats(
         counts=state.counts,
         means=ref.means,
         within_trace=state.within_sq / state.counts.to(F64),
-        means_sigma_w=state.proj / n,
+        means_sigma_w=None if state.proj is None else state.proj / n,
         sigma_w=None if state.scatter is None else state.scatter / n,
         ncc_correct=state.ncc_correct,
         centre=ref.centre,
+        eps=eps,
+        classes=classes,
+        nc4_disagree=state.nc4_disagree,
     )
 
 
@@ -357,21 +414,36 @@ def recentre_welford(state: WelfordState, means: Tensor) -> tuple[Tensor, Tensor
     )
 
 
-def welford_stats(state: WelfordState, *, name: str = "features") -> ClassStats:
-    """``ClassStats`` (no NC4 counts) from one-pass state: ``Σ_W = S/N`` and ``M_r Σ_W M_r^T`` from the final
-    means, ``r`` the sample mean."""
+def welford_stats(
+    state: WelfordState, *, name: str = "features", eps: float = EPS64, classes: Tensor | None = None
+) -> ClassStats:
+    """``ClassStats`` (no NC4 counts) from one-pass state: ``Σ_W = S/N`` and, when ``K <= D``, ``M_r Σ_W M_r^T``
+    from the final means, ``r`` the sample mean."""
     _check_classes(state.counts, name)
     n = float(state.counts.sum())
     sigma_w = state.scatter / n
-    ref = centres(state.means, state.counts)
+    ref = centres(state.means, state.counts, pairwise=False)
+    k, d = state.means.shape
     return ClassStats(
         counts=state.counts,
         means=state.means,
         within_trace=state.within_sq / state.counts.to(F64),
-        means_sigma_w=ref.shifted @ sigma_w @ ref.shifted.T,
+        means_sigma_w=ref.shifted @ sigma_w @ ref.shifted.T if k <= d else None,
         sigma_w=sigma_w,
         ncc_correct=None,
         centre=ref.centre,
+        eps=eps,
+        classes=classes,
+    )
+
+
+def _select_welford(state: WelfordState, keep: Tensor) -> WelfordState:
+    """The classes ``keep`` of a one-pass state (the pooled scatter is unchanged: empty classes add nothing)."""
+    return WelfordState(
+        state.counts.index_select(0, keep),
+        state.means.index_select(0, keep),
+        state.within_sq.index_select(0, keep),
+        state.scatter,
     )
 
 
@@ -420,22 +492,39 @@ def _all_reduce_welford(state: WelfordState) -> WelfordState:
 # --------------------------------------------------------------------------------------- the shell
 
 
+def _class_list(classes: Sequence[int] | Tensor | None, num_classes: int, name: str) -> list[int] | None:
+    if classes is None:
+        return None
+    ids = [int(c) for c in (classes.tolist() if isinstance(classes, Tensor) else classes)]
+    bad = [c for c in ids if not 0 <= c < num_classes]
+    if bad or len(set(ids)) != len(ids) or len(ids) < 2:
+        raise DeepCollapseError(
+            f"{name}: classes must be at least 2 distinct labels in 0..{num_classes - 1}, got {ids[:10]}"
+        )
+    return sorted(ids)
+
+
 class ClassAccumulator:
     """Streaming per-class statistics of one feature stream (one layer), ending in a ``ClassStats``.
 
     Parameters
     ----------
     num_classes : int
-        ``K >= 2``; labels must lie in ``0..K-1`` and every class needs a sample.
+        ``K >= 2``; labels must lie in ``0..K-1``. Classes without samples are dropped with a warning.
     passes : 1 or 2
         2 (default): exact two-pass statistics; call :meth:`end_pass` after the first pass over the data
         and stream the same data again. 1: Welford/Chan one-pass statistics (needs the ``D x D`` state;
-        no NC4).
+        no NCC counts).
     cov : "auto", "full" or "light"
-        Keep the ``D x D`` ``Σ_W`` (``"full"``) or only ``O(K·D)`` state (``"light"``); ``"auto"`` keeps it
-        while ``8 D²`` bytes fit in ``max_cov_bytes``.
+        The pass-2 path (module docstring): ``"auto"`` is the Gram path when ``K < D``, else the covariance.
     ncc : bool
-        Count nearest-class-centre hits in pass 2 (NC4).
+        Count nearest-class-centre hits in pass 2 (``ncc_accuracy``).
+    classes : sequence of int, optional
+        Measure only these labels (samples of other classes are skipped).
+    means : Tensor (K, D) or ClassStats, optional
+        Fixed class means (e.g. the training set's): one pass about them, no pass 1.
+    tile_bytes : int
+        Largest float64 block of per-sample class scores (``B x K``).
     name : str
         Used in error messages (e.g. the layer name).
     dist_sync : bool
@@ -460,7 +549,10 @@ class ClassAccumulator:
         passes: int = 2,
         cov: Cov = "auto",
         ncc: bool = True,
+        classes: Sequence[int] | Tensor | None = None,
+        means: Tensor | ClassStats | None = None,
         max_cov_bytes: int = DEFAULT_MAX_COV_BYTES,
+        tile_bytes: int = DEFAULT_TILE_BYTES,
         name: str = "features",
         dist_sync: bool = True,
     ) -> None:
@@ -472,17 +564,16 @@ class ClassAccumulator:
             raise DeepCollapseError(f"passes must be 1 or 2, got {passes!r}")
         if cov not in ("auto", "full", "light"):
             raise DeepCollapseError(f"cov must be 'auto', 'full' or 'light', got {cov!r}")
-        if passes == 1 and cov == "light":
+        if passes == 1 and cov == "light" and means is None:
             raise DeepCollapseError(
                 "cov='light' needs passes=2: one pass cannot form M Σ_W M^T before the final means are known"
             )
-        self.num_classes = num_classes
-        self.passes = passes
-        self.cov = cov
-        self.ncc = ncc
-        self.max_cov_bytes = int(max_cov_bytes)
-        self.name = name
-        self.dist_sync = dist_sync
+        block_rows(num_classes, tile_bytes)  # one row of K scores must fit
+        self.num_classes, self.cov, self.ncc, self.name = num_classes, cov, ncc, name
+        self.passes = 1 if means is not None else passes
+        self.max_cov_bytes, self.tile_bytes, self.dist_sync = int(max_cov_bytes), tile_bytes, dist_sync
+        self.classes = _class_list(classes, num_classes, name)
+        self._fixed = means
         self.reset()
 
     def reset(self) -> None:
@@ -491,12 +582,36 @@ class ClassAccumulator:
         self.dim: int | None = None
         self.full_cov: bool | None = None
         self.batches = 0
+        self.eps = 0.0
         self._synced = False
         self._done = False
         self._moments: MomentState | None = None
         self._ref: Centres | None = None
         self._spread: SpreadState | None = None
         self._welford: WelfordState | None = None
+        self._kept: list[int] | None = None  # labels measured in pass 2 (positions = rows of the statistics)
+        self._lut: Tensor | None = None  # label -> row, -1 for classes not measured
+        if self._fixed is not None:
+            self._fix_means(self._fixed)
+
+    def _fix_means(self, means: Tensor | ClassStats) -> None:
+        stats = means if isinstance(means, ClassStats) else None
+        m = (stats.means if stats else means).detach().to(F64)
+        ids = stats.class_ids if stats else list(range(m.shape[0]))
+        if m.dim() != 2 or len(ids) != m.shape[0] or max(ids) >= self.num_classes:
+            raise DeepCollapseError(f"means must be (K, D) for the {self.num_classes} classes, got {tuple(m.shape)}")
+        self.dim, self.pass_index = int(m.shape[1]), 2
+        self._set_kept(ids, m, None if stats is None else stats.counts)
+
+    def _set_kept(self, ids: list[int], means: Tensor, counts: Tensor | None) -> None:
+        self._kept = ids
+        self._lut = torch.full((self.num_classes,), -1, dtype=I64, device=means.device)
+        self._lut[torch.tensor(ids, device=means.device)] = torch.arange(len(ids), device=means.device)
+        assert self.dim is not None
+        path = choose_cov(len(ids), self.dim, self.cov)
+        self._ref = centres(means, counts, pairwise=path == "light" or len(ids) <= self.dim)
+        self.full_cov = path == "full"
+        self._spread = init_spread(len(ids), self.dim, cov=path, ncc=self.ncc, device=means.device)
 
     @property
     def means(self) -> Tensor:
@@ -504,32 +619,34 @@ class ClassAccumulator:
         if self._ref is not None:
             return self._ref.means
         if self.passes == 1 and self._done and self._welford is not None:
-            _check_classes(self._welford.counts, self.name)
-            return self._welford.means
+            return self._welford_kept()[0].means
         raise DeepCollapseError(f"{self.name}: the class means are known only after end_pass()")
 
     @property
     def counts(self) -> Tensor:
-        """Samples per class (K,) seen so far in pass 1 (or in the single pass)."""
-        state = self._welford if self.passes == 1 else self._moments
+        """Samples per class seen so far in pass 1 (or in the single pass); after pass 1, of the classes
+        measured (the rows of :attr:`means`)."""
+        if self._moments is not None and self._kept is not None:
+            return self._moments.counts.index_select(0, torch.tensor(self._kept, device=self._moments.counts.device))
+        state = self._welford if self._welford is not None else self._moments
+        if state is None and self._spread is not None:
+            return self._spread.counts
         if state is None:
             raise DeepCollapseError(f"{self.name}: no batches were seen yet")
         return state.counts
 
-    # -- decisions
-    def _use_full_cov(self, dim: int) -> bool:
-        fits = 8 * dim * dim <= self.max_cov_bytes
-        if self.passes == 1 and not fits and self.cov != "full":
+    def _check_one_pass(self, dim: int) -> None:
+        if self.passes == 1 and self._fixed is None and 8 * dim * dim > self.max_cov_bytes:
             raise DeepCollapseError(
                 f"{self.name}: one-pass mode needs a {dim} x {dim} float64 scatter ({8 * dim * dim / 2**20:.0f} MiB)"
                 f" above max_cov_bytes={self.max_cov_bytes}; use passes=2 (the light path) or raise max_cov_bytes"
             )
-        return self.cov == "full" or (self.cov == "auto" and fits)
 
     # -- streaming
-    def update(self, features: Any, labels: Any, *, batch: int | None = None) -> None:
+    def update(self, features: Any, labels: Any, *, predictions: Any = None, batch: int | None = None) -> None:
         """Add one batch: ``features`` (B, ...) any float dtype, ``labels`` (B,) ints in ``0..K-1``.
 
+        ``predictions`` (B,) labels or (B, K) logits of the model's classifier, in the last pass, give NC4.
         ``batch`` (default: the running batch index of this pass) is only used in error messages.
         """
         if self._done:
@@ -538,25 +655,62 @@ class ClassAccumulator:
             raise DeepCollapseError(f"{self.name}: update() after sync() in the same pass")
         b = self.batches if batch is None else batch
         h, y = prepare_batch(features, labels, self.num_classes, name=self.name, batch=b, dim=self.dim)
+        pred = self._predictions(predictions, h.shape[0], b)
+        if self.classes is not None:
+            mask = torch.isin(y, torch.tensor(self.classes, device=y.device))
+            h, y, pred = h[mask], y[mask], None if pred is None else pred[mask]
         if self.dim is None:
             self.dim = int(h.shape[1])
-            self.full_cov = self._use_full_cov(self.dim)
-        rows = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(self.dim, 1))
+            self._check_one_pass(self.dim)
+        self.eps = max(self.eps, dtype_eps(h.dtype))
+        k = self.num_classes if self._kept is None else len(self._kept)
+        rows = min(max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(self.dim, 1)), block_rows(k, self.tile_bytes))
         for start in range(0, h.shape[0], rows):
-            self._update(h[start : start + rows], y[start : start + rows])
+            chunk = slice(start, start + rows)
+            self._update(h[chunk], y[chunk], None if pred is None else pred[chunk], b)
         self.batches += 1
 
-    def _update(self, h: Tensor, y: Tensor) -> None:
+    def _predictions(self, predictions: Any, n: int, batch: int) -> Tensor | None:
+        if predictions is None:
+            return None
+        if self.pass_index != 2 and self.passes == 2:
+            return None  # only the last pass uses them
+        p = torch.as_tensor(predictions).detach()
+        p = p.argmax(1) if p.dim() == 2 else p
+        if p.shape != (n,):
+            raise DeepCollapseError(
+                f"{_where(self.name, batch)}: predictions must be (B,) labels or (B, K) logits for B = {n}"
+            )
+        return p.to(I64)
+
+    def _update(self, h: Tensor, y: Tensor, pred: Tensor | None, batch: int) -> None:
         k, dev = self.num_classes, h.device
         assert self.dim is not None
-        if self.passes == 1:
+        if self.passes == 1 and self._fixed is None:
             self._welford = update_welford(self._welford or init_welford(k, self.dim, device=dev), h, y)
         elif self.pass_index == 1:
             self._moments = update_moments(self._moments or init_moments(k, self.dim, device=dev), h, y)
         else:
-            assert self._spread is not None and self._ref is not None
+            assert self._spread is not None and self._ref is not None and self._lut is not None
             dev = self._ref.means.device
-            self._spread = update_spread(self._spread, h.to(dev), y.to(dev), self._ref)
+            pos = self._lut[y.to(dev)]
+            if bool((pos < 0).any()):
+                missing = sorted(set(y[pos.to(y.device) < 0].tolist()))
+                raise DeepCollapseError(
+                    f"{_where(self.name, batch)}: labels {missing[:10]} have no class mean (absent from pass 1);"
+                    " the loader must yield the same data in both passes"
+                )
+            if pred is not None and self._spread.nc4_disagree is None:
+                if self.batches or int(self._spread.counts.sum()):
+                    raise DeepCollapseError(f"{self.name}: predictions must be given for every batch of the pass")
+                self._spread = replace(self._spread, nc4_disagree=torch.zeros_like(self._spread.within_sq, dtype=I64))
+            if pred is not None:
+                pred = self._lut[pred.to(dev).clamp(0, self.num_classes - 1)].where(
+                    (pred.to(dev) >= 0) & (pred.to(dev) < self.num_classes), torch.tensor(-1, device=dev)
+                )
+            self._spread = update_spread(
+                self._spread, h.to(dev), pos, self._ref, predictions=pred, tile_bytes=self.tile_bytes
+            )
 
     def sync(self) -> None:
         """Sum this pass's state over ``torch.distributed`` (no-op when not initialized or already synced).
@@ -593,7 +747,7 @@ class ClassAccumulator:
             raise DeepCollapseError(f"{self.name}: the feature dimension differs between ranks ({dmin} to {dmax})")
         if self.dim is None:
             self.dim = dmax
-            self.full_cov = self._use_full_cov(dmax)
+            self._check_one_pass(dmax)
 
     def _zero_state(self, device: torch.device) -> None:
         assert self.dim is not None
@@ -603,9 +757,31 @@ class ClassAccumulator:
             self._moments = init_moments(self.num_classes, self.dim, device=device)
 
     def _current(self) -> MomentState | SpreadState | WelfordState | None:
-        if self.passes == 1:
+        if self.passes == 1 and self._fixed is None:
             return self._welford
         return self._moments if self.pass_index == 1 else self._spread
+
+    def _present(self, counts: Tensor) -> list[int]:
+        """Labels measured: the requested (or all) classes that have samples; warns about the others."""
+        wanted = self.classes if self.classes is not None else list(range(self.num_classes))
+        have = [c for c in wanted if int(counts[c]) > 0]
+        missing = [c for c in wanted if int(counts[c]) == 0]
+        if len(have) < 2:
+            raise DeepCollapseError(
+                f"{self.name}: only class(es) {have} have samples; collapse needs at least 2 classes"
+            )
+        if missing:
+            warnings.warn(
+                f"{self.name}: class(es) {missing[:20]} have no samples; measuring the {len(have)} classes present",
+                stacklevel=3,
+            )
+        return have
+
+    def _sync_eps(self) -> None:
+        if self.dist_sync and _dist_ready():
+            t = torch.tensor([self.eps], dtype=F64, device=_dist_device())
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            self.eps = float(t)
 
     def end_pass(self) -> None:
         """Close the current pass (syncing ranks first when ``dist_sync``); after pass 1 the means are fixed."""
@@ -615,15 +791,26 @@ class ClassAccumulator:
             raise DeepCollapseError(f"{self.name}: no batches were seen (empty loader?)")
         if self.dist_sync:
             self.sync()
+        self._sync_eps()
         if self.passes == 2 and self.pass_index == 1:
             assert self._moments is not None and self.dim is not None
-            self._ref = centres(means_of(self._moments, name=self.name), self._moments.counts)
-            self._spread = init_spread(
-                self.num_classes, self.dim, full_cov=bool(self.full_cov), ncc=self.ncc, device=self._ref.means.device
-            )
+            keep = self._present(self._moments.counts)
+            idx = torch.tensor(keep, device=self._moments.counts.device)
+            sel = MomentState(self._moments.counts.index_select(0, idx), self._moments.sums.index_select(0, idx))
+            self._set_kept(keep, means_of(sel, name=self.name), sel.counts)
             self.pass_index, self.batches, self._synced = 2, 0, False
         else:
             self._done = True
+
+    def _classes_tensor(self) -> Tensor | None:
+        kept = self._kept
+        return None if kept is None or kept == list(range(self.num_classes)) else torch.tensor(kept)
+
+    def _welford_kept(self) -> tuple[WelfordState, list[int]]:
+        assert self._welford is not None
+        keep = self._present(self._welford.counts)
+        idx = torch.tensor(keep, device=self._welford.counts.device)
+        return _select_welford(self._welford, idx), keep
 
     def compute(self) -> ClassStats:
         """The statistics, after every pass has been ended with :meth:`end_pass`."""
@@ -632,32 +819,76 @@ class ClassAccumulator:
                 f"{self.name}: compute() before the end of pass {self.pass_index} of {self.passes}; call end_pass()"
                 + (" and stream the data again" if self.passes == 2 and self.pass_index == 1 else "")
             )
-        if self.passes == 1:
-            assert self._welford is not None
-            return welford_stats(self._welford, name=self.name)
-        assert self._moments is not None and self._spread is not None and self._ref is not None
-        c1, c2 = self._moments.counts, self._spread.counts.to(self._moments.counts.device)
-        if not torch.equal(c1, c2):
+        eps = self.eps or EPS64
+        if self.passes == 1 and self._fixed is None:
+            state, keep = self._welford_kept()
+            self._kept = keep
+            return welford_stats(state, name=self.name, eps=eps, classes=self._classes_tensor())
+        assert self._spread is not None and self._ref is not None
+        if self._moments is not None:
+            c1 = self._moments.counts.index_select(0, torch.tensor(self._kept, device=self._moments.counts.device))
+            c2 = self._spread.counts.to(c1.device)
+            if not torch.equal(c1, c2):
+                raise DeepCollapseError(
+                    f"{self.name}: pass 2 saw {int(c2.sum())} samples (per class {c2.tolist()[:10]}...) but pass 1"
+                    f" saw {int(c1.sum())} ({c1.tolist()[:10]}...); the loader must yield the same data in both passes"
+                )
+        stats = spread_stats(self._spread, self._ref, eps=eps, classes=self._classes_tensor())
+        if self._fixed is not None and bool((stats.counts == 0).any()):
+            empty = [c for c, n in zip(stats.class_ids, stats.counts.tolist(), strict=True) if n == 0]
             raise DeepCollapseError(
-                f"{self.name}: pass 2 saw {int(c2.sum())} samples (per class {c2.tolist()[:10]}...) but pass 1 saw"
-                f" {int(c1.sum())} ({c1.tolist()[:10]}...); the loader must yield the same data in both passes"
+                f"{self.name}: classes {empty[:10]} of the given means have no samples; pass classes= for a subset"
             )
-        return spread_stats(self._spread, self._ref)
+        return stats
 
 
 def accumulate_stats(
-    batches: Callable[[], Iterable[tuple[Any, Any]]],
+    batches: Callable[[], Iterable[tuple[Any, ...]]],
     num_classes: int,
     **options: Any,
 ) -> ClassStats:
-    """Stream ``batches()`` (called once per pass, yielding ``(features, labels)``) into a ``ClassStats``.
-
-    ``options`` are those of :class:`ClassAccumulator` (``passes``, ``cov``, ``ncc``, ``max_cov_bytes``,
-    ``name``, ``dist_sync``).
+    """Stream ``batches()`` (called once per pass, yielding ``(features, labels)`` or
+    ``(features, labels, predictions)``) into a ``ClassStats``; ``options`` are those of :class:`ClassAccumulator`.
     """
     acc = ClassAccumulator(num_classes, **options)
     for _ in range(acc.passes):
-        for i, (h, y) in enumerate(batches()):
-            acc.update(h, y, batch=i)
+        for i, item in enumerate(batches()):
+            acc.update(item[0], item[1], predictions=item[2] if len(item) > 2 else None, batch=i)
         acc.end_pass()
     return acc.compute()
+
+
+def class_stats(
+    features: Tensor,
+    labels: Tensor,
+    num_classes: int | None = None,
+    *,
+    cov: Cov = "auto",
+    full_cov: bool | None = None,
+    ncc: bool = True,
+    classes: Sequence[int] | Tensor | None = None,
+    means: Tensor | ClassStats | None = None,
+    predictions: Tensor | None = None,
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+) -> ClassStats:
+    """Exact two-pass statistics of ``features`` (N, ...) with integer ``labels`` (N,), in float64.
+
+    ``num_classes`` defaults to ``max(labels) + 1``. ``full_cov=True``/``False`` is ``cov="full"``/``"light"``.
+    The other options are those of :class:`ClassAccumulator`; ``predictions`` (N,) or (N, K) give NC4.
+    """
+    if num_classes is None:
+        y = torch.as_tensor(labels)
+        num_classes = int(y.max()) + 1 if y.numel() else 0
+    if full_cov is not None:
+        cov = "full" if full_cov else "light"
+    item = (features, labels) if predictions is None else (features, labels, predictions)
+    return accumulate_stats(
+        lambda: [item],
+        num_classes,
+        cov=cov,
+        ncc=ncc,
+        classes=classes,
+        means=means,
+        tile_bytes=tile_bytes,
+        dist_sync=False,
+    )

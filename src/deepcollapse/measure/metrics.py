@@ -1,192 +1,183 @@
-r"""Neural-collapse metrics as pure functions (docs/conventions.md).
+r"""Neural-collapse metrics as pure functions of :class:`ClassStats`, one name per quantity (docs/conventions.md).
 
-Notation. Features ``h_i`` (rows of an ``(N, D)`` tensor) with labels ``y_i`` in ``0..K-1``; ``n_c`` samples
-in class ``c``; class means ``μ_c`` (rows of ``M``, shape ``(K, D)``); global mean ``μ_G``;
-
-.. math::
-
-    Σ_W = \frac1N \sum_i (h_i - μ_{y_i})(h_i - μ_{y_i})^T, \qquad
-    Σ_B = \frac1K \sum_c (μ_c - μ_G)(μ_c - μ_G)^T = \frac1K \bar M^T \bar M .
-
-Everything is computed in float64 from *sufficient statistics* (:class:`ClassStats`): counts, class
-means, per-class variance traces, the ``K x K`` matrix ``M Σ_W M^T`` and optionally ``Σ_W`` itself. The
-streaming accumulators build the same statistics batch by batch, so one definition serves both.
-
-Conventions that differ between codebases are explicit options:
-
-* ``normalize`` -- NC1 divides ``tr(Σ_W Σ_B^+)`` by ``K`` (Papyan et al. 2020; Zhu et al. 2021) or not
-  (several per-layer DNC papers).
-* ``weighting`` -- the global mean is the sample mean (``"samples"``, Papyan) or the plain average of the
-  class means (``"classes"``); they coincide for balanced classes.
-
-Pseudo-inverse. ``Σ_B`` has rank at most ``K - 1``. Its pseudo-inverse is built from the SVD of the
-centred means ``M̄`` (``K x D``), keeping at most ``K - 1`` singular values and only those above
-``rtol * σ_max``; the default ``rtol = max(K, D) * eps(float64)`` is NumPy's ``matrix_rank`` rule. With the
-SVD ``M̄ = U S V^T``, ``Σ_B^+ = K V S^{-2} V^T``, hence (the Gram identity, O(K·D) memory)
+Notation. Features ``h_i`` (rows of an ``(N, D)`` tensor) with labels ``y_i``; ``n_c`` samples in class ``c``;
+class means ``μ_c`` (rows of ``M``, ``K x D``); global mean ``μ_G = Σ_c w_c μ_c`` with ``w_c = n_c/N``
+(``weighting="samples"``, Papyan) or ``1/K`` (``"classes"``); centred means ``M̄ = M - 1μ_G^T``;
+``Var_c = 1/n_c Σ_{i∈c} ||h_i - μ_c||²``;
 
 .. math::
 
-    \operatorname{tr}(Σ_W Σ_B^+) = K \sum_{i} \frac{u_i^T \bar M Σ_W \bar M^T u_i}{s_i^4}.
+    Σ_W = \frac1N \sum_i (h_i - μ_{y_i})(h_i - μ_{y_i})^T, \qquad Σ_B = \frac1K \bar M^T \bar M .
+
+:data:`METRICS` is the table of every name the package writes (metrics.json, summary.json, history.csv,
+CLI tables, plot labels): the name, its formula, its source and its value under collapse. Other modules
+import their names from it.
+
+Pseudo-inverse and ranks. ``Σ_B^+`` comes from the SVD ``M̄ = U S V^T`` keeping at most ``K - 1`` singular
+values, and only those above the precision cutoff of the features as given
+(:func:`deepcollapse.measure.stats.singular_cutoff`); then ``Σ_B^+ = K V S^{-2} V^T`` and
+
+.. math::
+
+    \operatorname{tr}(Σ_W Σ_B^+) = K \sum_i \frac{v_i^T Σ_W v_i}{s_i^2}
+                               = K \sum_i \frac{u_i^T \bar M Σ_W \bar M^T u_i}{s_i^4}
+
+(the second form, the Gram path, needs only the ``K x K`` matrix ``M Σ_W M^T``). Both paths take the same
+decisions, so they agree on every input.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+import warnings
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from deepcollapse._validate import DeepCollapseError, check_finite, check_labels
+from deepcollapse._validate import DeepCollapseError
+from deepcollapse.measure.accumulate import class_stats
+from deepcollapse.measure.pairwise import DEFAULT_TILE_BYTES, block_rows, row_blocks
+from deepcollapse.measure.stats import (
+    F64,
+    ClassStats,
+    Weighting,
+    check_rtol,
+    class_weights,
+    dtype_eps,
+    singular_cutoff,
+)
 
 __all__ = [
+    "METRICS",
     "ClassStats",
+    "MetricInfo",
+    "PairSummary",
     "cdnv",
+    "cdnv_matrix",
+    "cdnv_per_class",
     "centred_means",
     "class_stats",
+    "classifier_predictions",
     "dnc_metrics",
-    "equinorm",
     "global_mean",
     "mean_spectrum",
     "nc1",
+    "nc1_quotient",
+    "nc1_truncated",
+    "nc1_unnormalized",
+    "nc2_equiangle",
+    "nc2_equinorm",
     "nc2_etf",
+    "nc2_maxangle",
     "nc2_orth",
-    "nc3",
+    "nc3_duality",
+    "nc3_span",
+    "nc3_zhu",
     "nc4",
+    "nc4_from_predictions",
     "ncc_accuracy",
+    "nearest_centre",
     "numerical_rank",
+    "pair_summary",
 ]
-
-Weighting = Literal["samples", "classes"]
-F64 = torch.float64
-FULL_COV_MAX_DIM = 2048  # class_stats keeps the D x D Σ_W by default up to this dimension
 
 
 @dataclass(frozen=True)
-class ClassStats:
-    """Sufficient statistics of labelled features, in float64.
+class MetricInfo:
+    """One row of the conventions table: ``kind`` is ``"nc"`` (a collapse metric), ``"aux"`` or ``"meta"``."""
 
-    Attributes
-    ----------
-    counts : (K,) int64, samples per class ``n_c``.
-    means : (K, D) class means ``M``.
-    within_trace : (K,) per-class variance ``1/n_c Σ_{i in c} ||h_i - μ_c||²``.
-    means_sigma_w : (K, K) ``(M - 1r^T) Σ_W (M - 1r^T)^T``: Σ_W seen through the means shifted by the
-        reference point ``r`` (``centre``); enough for NC1 under any weighting, since the centred means
-        ``M̄ = A M = A (M - 1r^T)`` for the centring matrix ``A = I - 1w^T`` (``A1 = 0``).
-    sigma_w : (D, D) ``Σ_W`` or ``None`` (the memory-light path does not keep it).
-    ncc_correct : (K,) per class, samples whose nearest class mean is their own, or ``None``.
-    centre : (D,) the reference point ``r`` of ``means_sigma_w``; ``None`` means the origin. A point near
-        the global mean (``class_stats`` uses the sample mean) avoids the cancellation that uncentred
-        means suffer when they lie far from the origin relative to their spread.
-    """
-
-    counts: Tensor
-    means: Tensor
-    within_trace: Tensor
-    means_sigma_w: Tensor
-    sigma_w: Tensor | None = None
-    ncc_correct: Tensor | None = None
-    centre: Tensor | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.counts.numel())
-
-    @property
-    def dim(self) -> int:
-        return int(self.means.shape[1])
-
-    @property
-    def total(self) -> int:
-        return int(self.counts.sum())
-
-    def to(self, device: torch.device | str) -> ClassStats:
-        def mv(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device)
-
-        return replace(
-            self,
-            counts=self.counts.to(device),
-            means=self.means.to(device),
-            within_trace=self.within_trace.to(device),
-            means_sigma_w=self.means_sigma_w.to(device),
-            sigma_w=mv(self.sigma_w),
-            ncc_correct=mv(self.ncc_correct),
-            centre=mv(self.centre),
-        )
+    name: str
+    formula: str
+    source: str
+    collapse: str
+    kind: str = "nc"
 
 
-def _as_features(features: Tensor, name: str = "features") -> Tensor:
-    if not isinstance(features, Tensor):
-        features = torch.as_tensor(features)
-    if features.dim() == 1:
-        raise DeepCollapseError(f"{name} must be 2-D (N, D), got a 1-D tensor")
-    if features.dim() > 2:
-        features = features.reshape(features.shape[0], -1)
-    if features.shape[0] == 0:
-        raise DeepCollapseError(f"{name} is empty (0 samples)")
-    check_finite(name, features)
-    return features
+METRICS: dict[str, MetricInfo] = {
+    m.name: m
+    for m in (
+        MetricInfo("nc1", "tr(Σ_W Σ_B⁺)/K", "Papyan, Han & Donoho 2020; Zhu et al. 2021", "0"),
+        MetricInfo("nc1_unnormalized", "tr(Σ_W Σ_B⁺)", "Rangamani et al. 2023 (per layer)", "0"),
+        MetricInfo(
+            "nc1_truncated",
+            "tr(Σ_W Σ_B⁺ʳ)/K, Σ_B inverted on its top r eigenpairs (r = K−1 by default)",
+            "Han, Papyan & Donoho 2022; Parker et al. 2023",
+            "0",
+        ),
+        MetricInfo("nc1_quotient", "tr Σ_W / tr Σ_B", "Tirer, Huang & Niles-Weed 2023; Beaglehole et al. 2024", "0"),
+        MetricInfo("cdnv", "mean over c≠c′ of (Var_c + Var_c′)/(2‖μ_c − μ_c′‖²)", "Galanti, György & Hutter 2022", "0"),
+        MetricInfo(
+            "nc2_etf",
+            "‖G/‖G‖_F − (I − 11ᵀ/K)/√(K−1)‖_F, G = M̄M̄ᵀ (centred means)",
+            "Papyan, Han & Donoho 2020; Zhu et al. 2021",
+            "0",
+        ),
+        MetricInfo(
+            "nc2_orth",
+            "‖G/‖G‖_F − I/√K‖_F, G = MMᵀ (uncentred means)",
+            "Súkeník, Mondelli & Lampert 2023 (DUFM, after a ReLU)",
+            "0",
+        ),
+        MetricInfo("nc2_equinorm", "std_c ‖μ_c − μ_G‖ / mean_c ‖μ_c − μ_G‖", "Papyan, Han & Donoho 2020", "0"),
+        MetricInfo("nc2_equiangle", "std over c≠c′ of cos(μ_c − μ_G, μ_c′ − μ_G)", "Papyan, Han & Donoho 2020", "0"),
+        MetricInfo(
+            "nc2_maxangle", "mean over c≠c′ of |cos(μ_c − μ_G, μ_c′ − μ_G) + 1/(K−1)|", "Papyan, Han & Donoho 2020", "0"
+        ),
+        MetricInfo("nc3_duality", "‖W/‖W‖_F − M̄/‖M̄‖_F‖_F (centred means)", "Papyan, Han & Donoho 2020", "0"),
+        MetricInfo(
+            "nc3_duality_uncentred",
+            "‖W/‖W‖_F − M/‖M‖_F‖_F (uncentred means: bias-free classifiers)",
+            "Súkeník, Mondelli & Lampert 2023 (DUFM)",
+            "0",
+        ),
+        MetricInfo("nc3_zhu", "‖WM̄ᵀ/‖WM̄ᵀ‖_F − (I − 11ᵀ/K)/√(K−1)‖_F", "Zhu et al. 2021", "0"),
+        MetricInfo(
+            "nc3_span",
+            "‖W(I − P_M)‖_F/‖W‖_F, P_M the projector on the span of the class means of W's input",
+            "Súkeník, Mondelli & Lampert 2023 (DUFM, every layer)",
+            "0",
+        ),
+        MetricInfo(
+            "nc4",
+            "fraction of samples where the classifier's prediction ≠ the nearest class centre argmin_c ‖h − μ_c‖",
+            "Papyan, Han & Donoho 2020",
+            "0",
+        ),
+        MetricInfo(
+            "ncc_accuracy",
+            "fraction of samples whose nearest class centre is their own class",
+            "Papyan, Han & Donoho 2020 (NCC rule); Rangamani et al. 2023 (per layer)",
+            "training accuracy (1)",
+        ),
+        MetricInfo("rank", "singular values of M above max(rank_rtol·σ_max, precision cutoff)", "", "—", "aux"),
+        MetricInfo("rank_centred", "the same for M̄", "", "K−1 (simplex ETF)", "aux"),
+        MetricInfo("mean_norm", "mean_c ‖μ_c‖", "", "—", "aux"),
+        MetricInfo("rtol", "relative precision cutoff of the pseudo-inverses and ranks", "", "—", "meta"),
+    )
+}
+
+NC1Method = Literal["auto", "gram", "full"]
 
 
-def _check_classes(counts: Tensor) -> None:
-    empty = (counts == 0).nonzero().flatten().tolist()
-    if empty:
-        raise DeepCollapseError(
-            f"class(es) {empty} have no samples; every class in 0..{counts.numel() - 1} needs at least one"
-        )
+# ----------------------------------------------------------------------------------------- helpers
 
 
-def class_stats(
-    features: Tensor,
-    labels: Tensor,
-    num_classes: int,
-    *,
-    full_cov: bool | None = None,
-    ncc: bool = True,
-) -> ClassStats:
-    """Exact two-pass statistics of ``features`` (N, D) with integer ``labels`` (N,), in float64.
-
-    ``full_cov`` also keeps the ``D x D`` within-class covariance ``Σ_W`` (default: when ``D <= 2048``,
-    i.e. at most 32 MiB); ``ncc`` counts the samples that the nearest-class-centre rule classifies
-    correctly (for NC4).
-    """
-    if num_classes < 2:
-        raise DeepCollapseError(f"num_classes must be >= 2 (collapse compares classes), got {num_classes}")
-    h = _as_features(features).to(F64)
-    y = check_labels(labels, num_classes, n_samples=h.shape[0]).to(h.device)
-    counts = torch.bincount(y, minlength=num_classes)
-    _check_classes(counts)
-    sums = torch.zeros(num_classes, h.shape[1], dtype=F64, device=h.device).index_add_(0, y, h)
-    means = sums / counts[:, None].to(F64)
-    centred = h - means[y]
-    sq = torch.zeros(num_classes, dtype=F64, device=h.device).index_add_(0, y, centred.pow(2).sum(1))
-    within_trace = sq / counts.to(F64)
-    centre = (counts.to(F64) @ means) / h.shape[0]  # the sample mean: a well-conditioned reference
-    proj = centred @ (means - centre).T  # (N, K): (h_i - μ_{y_i})^T (μ_c - r)
-    means_sigma_w = proj.T @ proj / h.shape[0]
-    if full_cov is None:
-        full_cov = h.shape[1] <= FULL_COV_MAX_DIM
-    sigma_w = centred.T @ centred / h.shape[0] if full_cov else None
-    ncc_correct = None
-    if ncc:
-        pred = torch.cdist(h, means).argmin(1)
-        ncc_correct = torch.zeros(num_classes, dtype=torch.int64, device=h.device).index_add_(0, y, (pred == y).long())
-    return ClassStats(counts, means, within_trace, means_sigma_w, sigma_w, ncc_correct, centre)
-
-
-def _weights(stats: ClassStats, weighting: Weighting) -> Tensor:
-    if weighting == "samples":
-        return stats.counts.to(F64) / stats.total
-    if weighting == "classes":
-        return torch.full_like(stats.within_trace, 1.0 / stats.num_classes)
-    raise DeepCollapseError(f"weighting must be 'samples' or 'classes', got {weighting!r}")
+def _as_stats(means: Tensor | ClassStats) -> ClassStats:
+    """A ``ClassStats`` view of a raw (K, D) mean matrix: one sample per class, zero spread."""
+    if isinstance(means, ClassStats):
+        return means
+    if not isinstance(means, Tensor) or means.dim() != 2:
+        raise DeepCollapseError(f"means must be a ClassStats or a (K, D) tensor, got {type(means).__name__}")
+    m = means.detach().to(F64)
+    ones = torch.ones(m.shape[0], dtype=torch.int64, device=m.device)
+    return ClassStats(ones, m, torch.zeros(m.shape[0], dtype=F64, device=m.device), None, eps=dtype_eps(means.dtype))
 
 
 def global_mean(stats: ClassStats, *, weighting: Weighting = "samples") -> Tensor:
-    """``μ_G = Σ_c w_c μ_c`` with ``w_c = n_c/N`` (``"samples"``) or ``1/K`` (``"classes"``)."""
-    return _weights(stats, weighting) @ stats.means
+    """``μ_G = Σ_c w_c μ_c``."""
+    return class_weights(stats, weighting) @ stats.means
 
 
 def centred_means(stats: ClassStats, *, weighting: Weighting = "samples") -> Tensor:
@@ -194,101 +185,451 @@ def centred_means(stats: ClassStats, *, weighting: Weighting = "samples") -> Ten
     return stats.means - global_mean(stats, weighting=weighting)
 
 
-def _mean_matrix(means: Tensor | ClassStats, *, center: bool, weighting: Weighting) -> Tensor:
-    """The (K, D) class means in float64, centred (about μ_G, or their plain average for raw means) if asked."""
-    if isinstance(means, ClassStats):
-        return centred_means(means, weighting=weighting) if center else means.means
-    m = means.to(F64)
-    return m - m.mean(0) if center else m
+def _between_svd(
+    stats: ClassStats, weighting: Weighting, rtol: float | None, rank: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Kept part ``(U, S, V^T)`` of the SVD of ``M̄``: at most ``min(rank, K-1)`` values, all above the cutoff."""
+    u, s, vh = torch.linalg.svd(centred_means(stats, weighting=weighting), full_matrices=False)
+    keep = s > singular_cutoff(stats, weighting=weighting, rtol=rtol)
+    keep[min(stats.num_classes - 1, stats.num_classes if rank is None else rank) :] = False
+    return u[:, keep], s[keep], vh[keep]
 
 
-def _rtol(k: int, d: int, rtol: float | None) -> float:
-    return max(k, d) * torch.finfo(F64).eps if rtol is None else float(rtol)
+def _centre_gram(p: Tensor, w: Tensor) -> Tensor:
+    """``A P A^T`` for ``A = I - 1w^T`` in O(K²)."""
+    pa = p - (w @ p)[None, :]
+    return pa - (pa @ w)[:, None]
 
 
-def _between_svd(stats: ClassStats, weighting: Weighting, rtol: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Kept part of the SVD of the centred means, plus the centring matrix ``A`` (``M̄ = A M``)."""
-    k = stats.num_classes
-    a = torch.eye(k, dtype=F64, device=stats.means.device) - _weights(stats, weighting)[None, :]
-    mbar = a @ stats.means
-    u, s, vh = torch.linalg.svd(mbar, full_matrices=False)
-    keep = s > _rtol(k, stats.dim, rtol) * s[0] if s.numel() and s[0] > 0 else s > 0
-    keep[k - 1 :] = False  # rank(M̄) <= K - 1: the centring direction is never inverted
-    return u[:, keep], s[keep], vh[keep], a
-
-
-def nc1(
-    stats: ClassStats,
-    *,
-    normalize: bool = True,
-    weighting: Weighting = "samples",
-    method: Literal["auto", "gram", "full"] = "auto",
-    rtol: float | None = None,
+def _nc1_trace(
+    stats: ClassStats, weighting: Weighting, method: NC1Method, rtol: float | None, rank: int | None
 ) -> float:
-    """Within-class variability relative to between-class: ``tr(Σ_W Σ_B^+) / K``.
-
-    ``normalize=False`` drops the ``1/K``. ``method="gram"`` uses only ``M Σ_W M^T`` (O(K·D) state, see the
-    module docstring); ``"full"`` uses ``Σ_W`` (needs ``stats.sigma_w``); ``"auto"`` takes ``"full"`` when
-    ``Σ_W`` is there. Both use the same rank-aware pseudo-inverse. Returns ``0`` on perfect collapse,
-    ``inf`` if all class means coincide while features vary, and ``nan`` (undefined) if the features do
-    not vary at all (e.g. a dead ReLU layer). The Gram path squares the scale twice: for features
-    smaller than about 1e-75 it underflows and returns ``nan``; the full path is good to about 1e-150.
-    """
-    u, s, vh, a = _between_svd(stats, weighting, rtol)
+    """``tr(Σ_W Σ_B^+)`` by the full or the Gram path (module docstring)."""
+    u, s, vh = _between_svd(stats, weighting, rtol, rank)
     k = stats.num_classes
     if s.numel() == 0:
         return float("nan") if float(stats.within_trace.max()) == 0.0 else float("inf")
     if method == "auto":
         method = "full" if stats.sigma_w is not None else "gram"
-    if method == "gram":
-        if float(s[0]) ** 4 == 0.0:  # M Σ_W M^T has underflowed: the statistics cannot tell
-            return float("nan")
-        pbar = a @ stats.means_sigma_w @ a.T  # M̄ Σ_W M̄^T (A removes any reference point)
-        quad = torch.einsum("ki,kl,li->i", u, pbar, u).clamp_min(0.0)  # PSD: clip round-off below 0
-        tr = k * float((quad / s.pow(2) / s.pow(2)).sum())
-    elif method == "full":
+    if method == "full":
         if stats.sigma_w is None:
-            raise DeepCollapseError("nc1(method='full') needs sigma_w; use method='gram' or full_cov=True")
+            raise DeepCollapseError("method='full' needs sigma_w; use method='gram' or cov='full'")
         quad = torch.einsum("id,de,ie->i", vh, stats.sigma_w, vh).clamp_min(0.0)
-        tr = k * float((quad / s.pow(2)).sum())
-    else:
-        raise DeepCollapseError(f"method must be 'gram' or 'full', got {method!r}")
-    return tr / k if normalize else tr
+        return k * float((quad / s.pow(2)).sum())
+    if method != "gram":
+        raise DeepCollapseError(f"method must be 'auto', 'gram' or 'full', got {method!r}")
+    if stats.means_sigma_w is None:
+        raise DeepCollapseError("method='gram' needs means_sigma_w; use method='full' or cov='light'")
+    s4 = float(s[0].pow(4))
+    if s4 == 0.0 or math.isinf(s4):  # M Σ_W M^T has under- or overflowed: the statistics cannot tell
+        return float("nan")
+    pbar = _centre_gram(stats.means_sigma_w, class_weights(stats, weighting))  # M̄ Σ_W M̄^T
+    quad = torch.einsum("ki,kl,li->i", u, pbar, u).clamp_min(0.0)  # PSD: clip round-off below 0
+    return k * float((quad / s.pow(2) / s.pow(2)).sum())
 
 
-def _gram_distance(gram: Tensor, target: Tensor) -> float:
-    norm = torch.linalg.matrix_norm(gram)
+# --------------------------------------------------------------------------------------------- NC1
+
+
+def nc1(
+    stats: ClassStats, *, weighting: Weighting = "samples", method: NC1Method = "auto", rtol: float | None = None
+) -> float:
+    """NC1 (Papyan et al. 2020): ``tr(Σ_W Σ_B^+) / K``.
+
+    ``method="full"`` uses ``Σ_W``, ``"gram"`` only ``M Σ_W M^T``; ``"auto"`` the full path when ``Σ_W`` is
+    there. ``rtol`` is the relative precision cutoff of ``Σ_B^+`` (default: that of the features as given,
+    :func:`deepcollapse.measure.stats.default_rtol`). Returns ``0`` on perfect collapse, ``inf`` if all class
+    means coincide while features vary, ``nan`` if the features do not vary at all (a dead layer) or, on
+    the Gram path, for features below about 1e-75 or above about 1e75 (``s⁴`` under- or overflows).
+    """
+    return _nc1_trace(stats, weighting, method, rtol, None) / stats.num_classes
+
+
+def nc1_unnormalized(
+    stats: ClassStats, *, weighting: Weighting = "samples", method: NC1Method = "auto", rtol: float | None = None
+) -> float:
+    """Per-layer NC1 without the ``1/K`` (Rangamani et al. 2023): ``tr(Σ_W Σ_B^+)``."""
+    return _nc1_trace(stats, weighting, method, rtol, None)
+
+
+def nc1_truncated(
+    stats: ClassStats,
+    *,
+    rank: int | None = None,
+    weighting: Weighting = "samples",
+    method: NC1Method = "auto",
+    rtol: float | None = None,
+) -> float:
+    """``tr(Σ_W Σ_B^{+r}) / K`` with ``Σ_B`` inverted on its top ``rank`` eigenpairs only (default ``K - 1``,
+    Han et al. 2022), never below the precision cutoff. Equal to :func:`nc1` at the default rank."""
+    r = stats.num_classes - 1 if rank is None else rank
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise DeepCollapseError(f"rank must be an integer >= 1, got {rank!r}")
+    return _nc1_trace(stats, weighting, method, rtol, r) / stats.num_classes
+
+
+def nc1_quotient(stats: ClassStats, *, weighting: Weighting = "samples") -> float:
+    """``tr Σ_W / tr Σ_B`` (Tirer et al. 2023) with ``tr Σ_W = Σ_c n_c Var_c / N``, ``tr Σ_B = ||M̄||_F² / K``."""
+    tw = float(stats.counts.to(F64) @ stats.within_trace) / stats.total
+    tb = float(centred_means(stats, weighting=weighting).pow(2).sum()) / stats.num_classes
+    if tb == 0.0:
+        return float("nan") if tw == 0.0 else float("inf")
+    return tw / tb
+
+
+# ------------------------------------------------------------------------------- NC2 and CDNV (tiled)
+
+
+@dataclass(frozen=True)
+class PairSummary:
+    """Every class-pair metric of one layer, from one tiled sweep over ``G = M̄ M̄^T``."""
+
+    nc2_etf: float
+    nc2_orth: float
+    nc2_equiangle: float
+    nc2_maxangle: float
+    cdnv: float
+    cdnv_per_class: Tensor
+    cdnv_max: Tensor
+    cdnv_max_class: Tensor
+
+
+def _cdnv_block(v_rows: Tensor, v: Tensor, sq_rows: Tensor, sq: Tensor, g: Tensor) -> Tensor:
+    """CDNV entries ``(Var_a + Var_b) / (2 ||μ_a - μ_b||²)`` from a Gram block ``g`` of the centred means
+    (``||μ_a - μ_b||² = G_aa + G_bb - 2 G_ab``)."""
+    d2 = (sq_rows[:, None] + sq[None, :] - 2.0 * g).clamp_min(0.0)
+    return (v_rows[:, None] + v[None, :]) / (2.0 * d2)
+
+
+def _frobenius_of_gram(x: Tensor) -> float:
+    """``||X X^T||_F = sqrt(Σ σ_i⁴)`` without forming the K x K matrix."""
+    return math.sqrt(float(torch.linalg.svdvals(x).pow(4).sum()))
+
+
+def pair_summary(
+    stats: ClassStats, *, weighting: Weighting = "samples", tile_bytes: int = DEFAULT_TILE_BYTES
+) -> PairSummary:
+    """NC2 (ETF and orthogonal-frame distances, equiangularity, max-angle) and CDNV in one sweep.
+
+    Row blocks of ``G = M̄ M̄^T`` (at most ``tile_bytes`` each) give the uncentred Gram
+    ``M M^T = G + a 1^T + 1 a^T + ||μ_G||²`` (``a = M̄ μ_G``), the distances
+    ``||μ_c - μ_c'||² = G_cc + G_c'c' - 2 G_cc'``
+    and the cosines ``G_cc' / (||μ̄_c|| ||μ̄_c'||)``; the Frobenius norms that normalize the Gram distances
+    come first from the singular values. Pair statistics run over ``c ≠ c'``.
+    """
+    k = stats.num_classes
+    mu = global_mean(stats, weighting=weighting)
+    mbar = stats.means - mu
+    sq = mbar.pow(2).sum(1)
+    norms, a, mu2 = sq.sqrt(), mbar @ mu, float(mu @ mu)
+    g_c, g_u = _frobenius_of_gram(mbar), _frobenius_of_gram(stats.means)
+    t_etf, t_orth, c0 = math.sqrt(k - 1), math.sqrt(k), -1.0 / (k - 1)
+    etf2 = orth2 = dev1 = dev2 = absdev = 0.0
+    rows_cdnv = torch.zeros(k, dtype=F64, device=mbar.device)
+    row_max = torch.zeros(k, dtype=F64, device=mbar.device)
+    row_arg = torch.zeros(k, dtype=torch.int64, device=mbar.device)
+    v = stats.within_trace
+    for rows, g in row_blocks(mbar, mbar, tile_bytes):
+        idx = torch.arange(rows.start, rows.stop, device=g.device)
+        diag = (torch.arange(len(idx), device=g.device), idx)
+        etf = g / g_c + 1.0 / (k * t_etf)  # G/||G|| - (I - 11^T/K)/sqrt(K-1), off the diagonal first
+        etf[diag] -= 1.0 / t_etf
+        etf2 += float(etf.pow(2).sum())
+        orth = (g + a[rows, None] + a[None, :] + mu2) / g_u
+        orth[diag] -= 1.0 / t_orth
+        orth2 += float(orth.pow(2).sum())
+        off = torch.ones_like(g, dtype=torch.bool)
+        off[diag] = False
+        dev = (g / (norms[rows, None] * norms[None, :]) - c0)[off]
+        dev1, dev2, absdev = dev1 + float(dev.sum()), dev2 + float(dev.pow(2).sum()), absdev + float(dev.abs().sum())
+        ratio = _cdnv_block(v[rows], v, sq[rows], sq, g)
+        rows_cdnv[rows] = torch.where(off, ratio, torch.zeros_like(ratio)).sum(1)
+        row_max[rows], row_arg[rows] = torch.where(off, ratio, torch.full_like(ratio, -math.inf)).max(1)
+    pairs = k * (k - 1)
+    mean_dev = dev1 / pairs
+    nan = float("nan")
+    return PairSummary(
+        nc2_etf=math.sqrt(etf2) if g_c > 0 else nan,
+        nc2_orth=math.sqrt(orth2) if g_u > 0 else nan,
+        nc2_equiangle=math.sqrt(max(dev2 / pairs - mean_dev**2, 0.0)),
+        nc2_maxangle=absdev / pairs,
+        cdnv=float(rows_cdnv.sum()) / pairs,
+        cdnv_per_class=rows_cdnv / (k - 1),
+        cdnv_max=row_max,
+        cdnv_max_class=row_arg,
+    )
+
+
+def nc2_etf(stats: ClassStats, *, weighting: Weighting = "samples", tile_bytes: int = DEFAULT_TILE_BYTES) -> float:
+    """Simplex-ETF distance ``||G/||G||_F - (I - 11^T/K)/sqrt(K-1)||_F``, ``G = M̄ M̄^T`` (Papyan; Zhu)."""
+    return pair_summary(stats, weighting=weighting, tile_bytes=tile_bytes).nc2_etf
+
+
+def nc2_orth(means: Tensor | ClassStats, *, tile_bytes: int = DEFAULT_TILE_BYTES) -> float:
+    """Orthogonal-frame distance of the *uncentred* means ``||MM^T/||MM^T||_F - I/sqrt(K)||_F``: the DUFM's
+    target after a ReLU (equal norms, pairwise orthogonal means)."""
+    return pair_summary(_as_stats(means), tile_bytes=tile_bytes).nc2_orth
+
+
+def nc2_equinorm(stats: ClassStats, *, weighting: Weighting = "samples") -> float:
+    """Equinorm (Papyan): ``std_c ||μ_c - μ_G|| / mean_c ||μ_c - μ_G||`` (population std)."""
+    norms = centred_means(stats, weighting=weighting).norm(dim=1)
+    return float(norms.std(unbiased=False) / norms.mean()) if norms.mean() > 0 else float("nan")
+
+
+def nc2_equiangle(
+    stats: ClassStats, *, weighting: Weighting = "samples", tile_bytes: int = DEFAULT_TILE_BYTES
+) -> float:
+    """Equiangularity (Papyan): ``std_{c≠c'} cos(μ_c - μ_G, μ_c' - μ_G)``."""
+    return pair_summary(stats, weighting=weighting, tile_bytes=tile_bytes).nc2_equiangle
+
+
+def nc2_maxangle(stats: ClassStats, *, weighting: Weighting = "samples", tile_bytes: int = DEFAULT_TILE_BYTES) -> float:
+    """Maximal-angle equiangularity (Papyan): ``mean_{c≠c'} |cos(μ̄_c, μ̄_c') + 1/(K-1)|``."""
+    return pair_summary(stats, weighting=weighting, tile_bytes=tile_bytes).nc2_maxangle
+
+
+def cdnv(stats: ClassStats, *, tile_bytes: int = DEFAULT_TILE_BYTES) -> float:
+    """Class-distance normalized variance (Galanti et al. 2022): the mean over ``c ≠ c'`` of
+    ``(Var_c + Var_c') / (2 ||μ_c - μ_c'||²)``."""
+    return pair_summary(stats, tile_bytes=tile_bytes).cdnv
+
+
+def cdnv_matrix(stats: ClassStats, *, tile_bytes: int = DEFAULT_TILE_BYTES) -> Tensor:
+    """The (K, K) CDNV matrix (zero diagonal), for K small enough that it fits in ``tile_bytes``."""
+    k = stats.num_classes
+    if 8 * k * k > tile_bytes:
+        raise DeepCollapseError(
+            f"tile_bytes={tile_bytes} cannot hold the {k} x {k} CDNV matrix; use cdnv_per_class or pair_summary"
+        )
+    mbar = centred_means(stats)
+    sq, v = mbar.pow(2).sum(1), stats.within_trace
+    return _cdnv_block(v, v, sq, sq, mbar @ mbar.T).fill_diagonal_(0.0)
+
+
+def cdnv_per_class(stats: ClassStats, *, tile_bytes: int = DEFAULT_TILE_BYTES) -> Tensor:
+    """Row means of the CDNV matrix: ``1/(K-1) Σ_{c'≠c} CDNV(c, c')`` for each class (K,)."""
+    return pair_summary(stats, tile_bytes=tile_bytes).cdnv_per_class
+
+
+# --------------------------------------------------------------------------------------------- NC3
+
+
+def _weight(weight: Tensor, dim: int, device: torch.device, rows: int | None = None) -> Tensor:
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != dim:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise DeepCollapseError(f"weight must be (out, D) with D = {dim} (the features' dimension), got {shape}")
+    if rows is not None and weight.shape[0] != rows:
+        raise DeepCollapseError(f"weight must have K = {rows} rows (one per class), got {weight.shape[0]}")
+    return weight.detach().to(device=device, dtype=F64)
+
+
+def nc3_duality(
+    weight: Tensor, means: Tensor | ClassStats, *, center: bool = True, weighting: Weighting = "samples"
+) -> float:
+    """Self-duality (Papyan): ``||W/||W||_F - M̄/||M̄||_F||_F`` with the centred means; ``center=False`` uses
+    the uncentred means (``nc3_duality_uncentred``: classifiers without a bias, such as the DUFM's)."""
+    stats = _as_stats(means)
+    m = centred_means(stats, weighting=weighting) if center else stats.means
+    w = _weight(weight, stats.dim, m.device, stats.num_classes)
+    wn, mn = torch.linalg.matrix_norm(w), torch.linalg.matrix_norm(m)
+    if wn == 0 or mn == 0:
+        return float("nan")
+    return float(torch.linalg.matrix_norm(w / wn - m / mn))
+
+
+def nc3_zhu(
+    weight: Tensor,
+    means: Tensor | ClassStats,
+    *,
+    weighting: Weighting = "samples",
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+) -> float:
+    """Zhu et al. 2021: ``||W M̄^T/||W M̄^T||_F - (I - 11^T/K)/sqrt(K-1)||_F``, tiled over rows of ``W M̄^T``."""
+    stats = _as_stats(means)
+    mbar = centred_means(stats, weighting=weighting)
+    w = _weight(weight, stats.dim, mbar.device, stats.num_classes)
+    k, t = stats.num_classes, math.sqrt(stats.num_classes - 1)
+    norm = math.sqrt(sum(float(x.pow(2).sum()) for _, x in row_blocks(w, mbar, tile_bytes)))
     if norm == 0:
         return float("nan")
-    return float(torch.linalg.matrix_norm(gram / norm - target / torch.linalg.matrix_norm(target)))
+    total = 0.0
+    for rows, x in row_blocks(w, mbar, tile_bytes):
+        d = x / norm + 1.0 / (k * t)
+        d[torch.arange(d.shape[0]), torch.arange(rows.start, rows.stop)] -= 1.0 / t
+        total += float(d.pow(2).sum())
+    return math.sqrt(total)
 
 
-def nc2_etf(stats: ClassStats, *, weighting: Weighting = "samples") -> float:
-    """Distance of the centred means' normalized Gram to the simplex ETF.
+def nc3_span(weight: Tensor, means: Tensor | ClassStats, *, rtol: float | None = None) -> float:
+    """DUFM per-layer alignment: ``||W (I - P_M)||_F / ||W||_F``, ``P_M`` the projector onto the span of the
+    uncentred class means of W's *input* (singular values above the precision cutoff)."""
+    stats = _as_stats(means)
+    w = _weight(weight, stats.dim, stats.means.device)
+    wn = torch.linalg.matrix_norm(w)
+    if wn == 0:
+        return float("nan")
+    _, s, vh = torch.linalg.svd(stats.means, full_matrices=False)
+    v = vh[s > singular_cutoff(stats, weighting=None, rtol=rtol)]
+    return float(torch.linalg.matrix_norm(w - (w @ v.T) @ v) / wn)
 
-    ``|| M̄M̄^T/||M̄M̄^T||_F - (I - 11^T/K)/sqrt(K-1) ||_F``; 0 for a simplex equiangular tight frame.
+
+# -------------------------------------------------------------------------------------- NC4 and NCC
+
+
+def nearest_centre(features: Tensor, means: Tensor | ClassStats, *, tile_bytes: int = DEFAULT_TILE_BYTES) -> Tensor:
+    """Row index of the nearest class mean of each feature (N,): ``argmin_c ||h_i - μ_c||²``.
+
+    Computed as ``argmin_c (||m_c||² - 2 g_i·m_c)`` with ``g_i = h_i - r``, ``m_c = μ_c - r`` about the mean of
+    the means ``r`` (no cancellation far from the origin), tiled over classes.
     """
-    mbar = centred_means(stats, weighting=weighting)
-    k = stats.num_classes
-    etf = torch.eye(k, dtype=F64, device=mbar.device) - 1.0 / k
-    return _gram_distance(mbar @ mbar.T, etf)
+    m = _as_stats(means).means
+    h = features.detach().reshape(features.shape[0], -1).to(device=m.device, dtype=F64)
+    r = m.mean(0)
+    mr, g = m - r, h - r
+    sq = mr.pow(2).sum(1)
+    step = block_rows(h.shape[0], tile_bytes)
+    best = torch.full((h.shape[0],), float("inf"), dtype=F64, device=m.device)
+    arg = torch.zeros(h.shape[0], dtype=torch.int64, device=m.device)
+    for start in range(0, m.shape[0], step):
+        score = sq[start : start + step][None, :] - 2.0 * (g @ mr[start : start + step].T)
+        val, idx = score.min(1)
+        better = val < best
+        best, arg = torch.where(better, val, best), torch.where(better, idx + start, arg)
+    return arg
 
 
-def nc2_orth(means: Tensor | ClassStats) -> float:
-    """Distance of the *uncentred* means' normalized Gram to an orthogonal frame.
+def classifier_predictions(features: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``argmax_c (W h_i + b)_c`` (N,) of a linear classifier (weight (K, D), bias (K,))."""
+    h = features.detach().reshape(features.shape[0], -1)
+    w = _weight(weight, h.shape[1], h.device).to(h.dtype if h.is_floating_point() else F64)
+    logits = h.to(w.dtype) @ w.T
+    if bias is not None:
+        logits = logits + bias.detach().to(device=logits.device, dtype=logits.dtype)
+    return logits.argmax(1)
 
-    ``|| MM^T/||MM^T||_F - I/sqrt(K) ||_F``: the DUFM's target after a ReLU (equal norms, pairwise
-    orthogonal means).
+
+def nc4_from_predictions(predictions: Tensor, features: Tensor, means: Tensor | ClassStats) -> float:
+    """Papyan's NC4: fraction of samples whose classifier prediction (labels (N,), or logits (N, K) reduced by
+    argmax) differs from the nearest class centre. With ``ClassStats`` of a subset of classes the
+    predictions are compared in the original labels."""
+    pred = predictions.detach()
+    pred = pred.argmax(1) if pred.dim() == 2 else pred
+    if pred.shape[0] != features.shape[0]:
+        raise DeepCollapseError(f"predictions has {pred.shape[0]} entries but the features have {features.shape[0]}")
+    ids = torch.tensor(_as_stats(means).class_ids, device=pred.device)
+    ncc = ids[nearest_centre(features, means).to(pred.device)]
+    return float((ncc != pred).double().mean())
+
+
+def ncc_accuracy(stats: ClassStats) -> float:
+    """Nearest-class-centre accuracy on the data the statistics came from (the accumulators count it)."""
+    if stats.ncc_correct is None:
+        raise DeepCollapseError("these statistics carry no nearest-class-centre counts (ncc=False or one pass)")
+    return float(stats.ncc_correct.sum()) / stats.total
+
+
+def nc4(stats: ClassStats) -> float:
+    """Papyan's NC4 from statistics accumulated with classifier ``predictions``: the fraction of samples whose
+    prediction differs from the nearest class centre (→ 0 under collapse)."""
+    if stats.nc4_disagree is None:
+        raise DeepCollapseError(
+            "these statistics carry no classifier predictions (pass predictions= when accumulating)"
+        )
+    return float(stats.nc4_disagree.sum()) / stats.total
+
+
+# ------------------------------------------------------------------------------------------- ranks
+
+
+def mean_spectrum(means: Tensor | ClassStats, *, center: bool = False, weighting: Weighting = "samples") -> Tensor:
+    """Singular values (descending) of the class-mean matrix, centred if ``center``."""
+    stats = _as_stats(means)
+    return torch.linalg.svdvals(centred_means(stats, weighting=weighting) if center else stats.means)
+
+
+def numerical_rank(singular_values: Tensor, *, rtol: float = 1e-3, floor: float = 0.0) -> int:
+    """Number of singular values above ``max(rtol · σ_max, floor)`` (0 for an all-zero matrix); ``floor`` is
+    the precision cutoff (:func:`deepcollapse.measure.stats.singular_cutoff`)."""
+    s = singular_values
+    if s.numel() == 0 or float(s.max()) == 0.0:
+        return 0
+    return int((s > max(rtol * float(s.max()), floor)).sum())
+
+
+# -------------------------------------------------------------------------------------- all at once
+
+
+def dnc_metrics(
+    features: Tensor | ClassStats,
+    labels: Tensor | None = None,
+    num_classes: int | None = None,
+    *,
+    weight: Tensor | None = None,
+    bias_free: bool = False,
+    normalize: bool = True,
+    weighting: Weighting = "samples",
+    rtol: float | None = None,
+    rank_rtol: float = 1e-3,
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+) -> dict[str, float | int]:
+    """Every metric of one layer as a flat dict, keyed by the names of :data:`METRICS`.
+
+    Always: ``nc1`` (``nc1_unnormalized`` instead when ``normalize=False``), ``nc1_quotient``, ``nc2_etf``,
+    ``nc2_orth``, ``nc2_equinorm``, ``nc2_equiangle``, ``nc2_maxangle``, ``cdnv``, ``rank``, ``rank_centred``,
+    ``mean_norm`` and ``rtol`` (the cutoff used). ``ncc_accuracy`` and ``nc4`` when the statistics carry them.
+    With a ``weight`` (out, D) acting on these features: ``nc3_span``; when it has K rows also ``nc3_zhu`` and
+    ``nc3_duality`` (``nc3_duality_uncentred`` instead when ``bias_free``).
     """
-    m = means.means if isinstance(means, ClassStats) else means.to(F64)
-    return _gram_distance(m @ m.T, torch.eye(m.shape[0], dtype=F64, device=m.device))
+    if isinstance(features, ClassStats):
+        stats = features
+    else:
+        if labels is None:
+            raise DeepCollapseError("dnc_metrics needs labels with raw features")
+        stats = class_stats(features, labels, num_classes)
+    tol = check_rtol(rtol, stats)
+    trace = _nc1_trace(stats, weighting, "auto", tol, None)
+    out: dict[str, float | int] = {"nc1": trace / stats.num_classes} if normalize else {"nc1_unnormalized": trace}
+    pairs = pair_summary(stats, weighting=weighting, tile_bytes=tile_bytes)
+    out |= {
+        "nc1_quotient": nc1_quotient(stats, weighting=weighting),
+        "nc2_etf": pairs.nc2_etf,
+        "nc2_orth": pairs.nc2_orth,
+        "nc2_equinorm": nc2_equinorm(stats, weighting=weighting),
+        "nc2_equiangle": pairs.nc2_equiangle,
+        "nc2_maxangle": pairs.nc2_maxangle,
+        "cdnv": pairs.cdnv,
+    }
+    if weight is not None:
+        out["nc3_span"] = nc3_span(weight, stats, rtol=tol)
+        if weight.shape[0] == stats.num_classes:
+            key = "nc3_duality_uncentred" if bias_free else "nc3_duality"
+            out[key] = nc3_duality(weight, stats, center=not bias_free, weighting=weighting)
+            out["nc3_zhu"] = nc3_zhu(weight, stats, weighting=weighting, tile_bytes=tile_bytes)
+    if stats.ncc_correct is not None:
+        out["ncc_accuracy"] = ncc_accuracy(stats)
+    if stats.nc4_disagree is not None:
+        out["nc4"] = nc4(stats)
+    floor_u = singular_cutoff(stats, weighting=None, rtol=tol)
+    floor_c = singular_cutoff(stats, weighting=weighting, rtol=tol)
+    out["rank"] = numerical_rank(mean_spectrum(stats), rtol=rank_rtol, floor=floor_u)
+    spec_c = mean_spectrum(stats, center=True, weighting=weighting)
+    out["rank_centred"] = numerical_rank(spec_c, rtol=rank_rtol, floor=floor_c)
+    out["mean_norm"] = float(stats.means.norm(dim=1).mean())
+    out["rtol"] = tol
+    return out
+
+
+# ---------------------------------------------------------------- temporary aliases (old names, see report)
 
 
 def equinorm(stats: ClassStats, *, weighting: Weighting = "samples", center: bool = True) -> float:
-    """Coefficient of variation (std/mean) of the class-mean norms, centred or not."""
-    m = centred_means(stats, weighting=weighting) if center else stats.means
-    norms = m.norm(dim=1)
-    return float(norms.std(unbiased=False) / norms.mean()) if norms.mean() > 0 else float("nan")
+    """Deprecated alias of :func:`nc2_equinorm` (``center=False``: of the uncentred norms)."""
+    warnings.warn("metrics.equinorm is now nc2_equinorm", DeprecationWarning, stacklevel=2)
+    if not center:
+        n = stats.means.norm(dim=1)
+        return float(n.std(unbiased=False) / n.mean()) if n.mean() > 0 else float("nan")
+    return nc2_equinorm(stats, weighting=weighting)
 
 
 def nc3(
@@ -300,116 +641,9 @@ def nc3(
     weighting: Weighting = "samples",
     rtol: float | None = None,
 ) -> float:
-    """Alignment of a layer's weight ``W`` (out, D) with the class means of its input features.
-
-    ``"projection"`` (DNC3, any layer): the fraction of ``W``'s norm outside the span of the means,
-    ``||W (I - P_M)||_F / ||W||_F`` with ``P_M`` the projector onto the row span of ``M`` (centred if
-    ``center``). ``"duality"`` (last layer, Papyan/Zhu self-duality; needs ``out == K``):
-    ``|| W/||W||_F - M̄/||M̄||_F ||_F`` with centred means when ``center`` else uncentred.
-    """
-    m = _mean_matrix(means, center=center, weighting=weighting)
-    w = weight.detach().to(device=m.device, dtype=F64)
-    if w.dim() != 2 or w.shape[1] != m.shape[1]:
-        raise DeepCollapseError(
-            f"weight must be (out, D) with D = {m.shape[1]} (the features' dimension), got {tuple(w.shape)}"
-        )
-    wn = torch.linalg.matrix_norm(w)
-    if wn == 0:
-        return float("nan")
+    """Deprecated alias: ``method="projection"`` is :func:`nc3_span`, ``"duality"`` :func:`nc3_duality`."""
     if method == "projection":
-        _, s, vh = torch.linalg.svd(m, full_matrices=False)
-        keep = s > _rtol(*m.shape, rtol) * s[0] if s[0] > 0 else s > 0
-        v = vh[keep]
-        resid = w - (w @ v.T) @ v
-        return float(torch.linalg.matrix_norm(resid) / wn)
+        return nc3_span(weight, means, rtol=rtol)
     if method == "duality":
-        if w.shape[0] != m.shape[0]:
-            raise DeepCollapseError(
-                f"nc3(method='duality') needs a weight with K = {m.shape[0]} rows, got {w.shape[0]}"
-            )
-        return float(torch.linalg.matrix_norm(w / wn - m / torch.linalg.matrix_norm(m)))
+        return nc3_duality(weight, means, center=center, weighting=weighting)
     raise DeepCollapseError(f"method must be 'projection' or 'duality', got {method!r}")
-
-
-def ncc_accuracy(features: Tensor, labels: Tensor, means: Tensor) -> float:
-    """Fraction of samples whose nearest class mean (Euclidean) is their own class."""
-    h = _as_features(features).to(F64)
-    y = check_labels(labels, means.shape[0], n_samples=h.shape[0]).to(h.device)
-    pred = torch.cdist(h, means.to(device=h.device, dtype=F64)).argmin(1)
-    return float((pred == y).double().mean())
-
-
-def nc4(stats: ClassStats) -> float:
-    """NC4 as nearest-class-centre accuracy on the data the statistics came from."""
-    if stats.ncc_correct is None:
-        raise DeepCollapseError("these statistics carry no nearest-class-centre counts (ncc=False)")
-    return float(stats.ncc_correct.sum()) / stats.total
-
-
-def cdnv(stats: ClassStats) -> tuple[float, Tensor]:
-    """Class-distance normalized variance (Galanti et al. 2022).
-
-    ``CDNV(c, c') = (Var_c + Var_c') / (2 ||μ_c - μ_c'||²)``, ``Var_c`` the mean squared distance of class
-    ``c``'s features to ``μ_c``. Returns the mean over pairs ``c < c'`` and the (K, K) matrix (zero diagonal).
-    """
-    v = stats.within_trace
-    dist2 = torch.cdist(stats.means, stats.means).pow(2)
-    mat = (v[:, None] + v[None, :]) / (2 * dist2)
-    k = stats.num_classes
-    mat.fill_diagonal_(0.0)
-    iu = torch.triu_indices(k, k, 1)
-    return float(mat[iu[0], iu[1]].mean()), mat
-
-
-def mean_spectrum(means: Tensor | ClassStats, *, center: bool = False, weighting: Weighting = "samples") -> Tensor:
-    """Singular values (descending) of the class-mean matrix, centred if ``center``."""
-    return torch.linalg.svdvals(_mean_matrix(means, center=center, weighting=weighting))
-
-
-def numerical_rank(singular_values: Tensor, *, rtol: float = 1e-3) -> int:
-    """Number of singular values above ``rtol`` times the largest (0 for an all-zero matrix)."""
-    s = singular_values
-    if s.numel() == 0 or float(s.max()) == 0.0:
-        return 0
-    return int((s > rtol * s.max()).sum())
-
-
-def dnc_metrics(
-    features: Tensor | ClassStats,
-    labels: Tensor | None = None,
-    num_classes: int | None = None,
-    *,
-    weight: Tensor | None = None,
-    normalize: bool = True,
-    weighting: Weighting = "samples",
-    rank_rtol: float = 1e-3,
-) -> dict[str, float | int]:
-    """All metrics of one layer as a flat dict of numbers.
-
-    Keys: ``nc1``, ``nc2_etf``, ``nc2_orth``, ``equinorm``, ``nc3`` (projection, when ``weight`` is
-    given), ``nc3_duality`` (when ``weight`` has K rows), ``nc4``, ``cdnv``, ``rank`` (numerical rank of
-    the uncentred means), ``rank_centred``, ``mean_norm`` (average class-mean norm).
-    """
-    if isinstance(features, ClassStats):
-        stats = features
-    else:
-        if labels is None or num_classes is None:
-            raise DeepCollapseError("dnc_metrics needs labels and num_classes with raw features")
-        stats = class_stats(features, labels, num_classes)
-    out: dict[str, float | int] = {
-        "nc1": nc1(stats, normalize=normalize, weighting=weighting),
-        "nc2_etf": nc2_etf(stats, weighting=weighting),
-        "nc2_orth": nc2_orth(stats),
-        "equinorm": equinorm(stats, weighting=weighting),
-    }
-    if weight is not None:
-        out["nc3"] = nc3(weight, stats)
-        if weight.shape[0] == stats.num_classes:
-            out["nc3_duality"] = nc3(weight, stats, method="duality", center=True, weighting=weighting)
-    if stats.ncc_correct is not None:
-        out["nc4"] = nc4(stats)
-    out["cdnv"] = cdnv(stats)[0]
-    out["rank"] = numerical_rank(mean_spectrum(stats), rtol=rank_rtol)
-    out["rank_centred"] = numerical_rank(mean_spectrum(stats, center=True, weighting=weighting), rtol=rank_rtol)
-    out["mean_norm"] = float(stats.means.norm(dim=1).mean())
-    return out

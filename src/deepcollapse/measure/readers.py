@@ -34,7 +34,7 @@ import torch
 
 from deepcollapse._validate import DeepCollapseError, check_positive_int
 from deepcollapse.measure.accumulate import ClassAccumulator, accumulate_stats, centres
-from deepcollapse.measure.metrics import F64, ClassStats, cdnv, centred_means, dnc_metrics, nc3
+from deepcollapse.measure.metrics import F64, ClassStats, cdnv_matrix, centred_means, dnc_metrics, nc3
 from deepcollapse.measure.probe import nearest_centre
 
 __all__ = [
@@ -452,7 +452,7 @@ def per_class_rows(
     ``cdnv_mean`` its mean over the other classes, ``cdnv_max`` its largest entry and ``cdnv_max_class`` the
     class reaching it (the class ``c`` is least separated from). ``classes`` names the rows (default
     ``0..K-1``)."""
-    _, mat = cdnv(stats)
+    mat = cdnv_matrix(stats)
     k = stats.num_classes
     ids = list(range(k)) if classes is None else [int(c) for c in classes]
     off = mat.clone().fill_diagonal_(float("-inf"))

@@ -278,8 +278,8 @@ def epoch_metrics(
             "nc1": m["nc1"],
             "nc2": m["nc2_orth"],
             "etf": m["nc2_etf"],
-            "nc3": m.get("nc3"),
-            "nc4": m["nc4"],
+            "nc3": m.get("nc3_span"),
+            "nc4": m["ncc_accuracy"],
             "cdnv": m["cdnv"],
             "norm": m["mean_norm"],
         }
@@ -329,7 +329,7 @@ def compare_with_theory(
         for w in ws[:-1]:
             hidden.append(torch.relu(w @ hidden[-1]))
     for entry, feat, w in zip(result["layers"], hidden, ws, strict=True):
-        entry["nc3"] = M.nc3(w, M.class_stats(feat.T, labels.cpu(), num_classes, ncc=False))
+        entry["nc3"] = M.nc3_span(w, M.class_stats(feat.T, labels.cpu(), num_classes, ncc=False))
     result.update(
         num_classes=num_classes,
         n=n,

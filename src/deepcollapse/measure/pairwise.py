@@ -1,0 +1,35 @@
+r"""Tiled work on the K x K class-pair matrices, in O(K·D + tile) memory.
+
+Every pairwise metric (CDNV, the NC2 Gram distances, the angle statistics) is a sum over entries of the
+Gram matrix ``G = M̄ M̄^T`` of the centred means. :func:`row_blocks` yields ``G`` a block of rows at a
+time, each block of at most ``tile_bytes`` (float64), so K = 50,000 classes never form the 20 GB matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import Tensor
+
+from deepcollapse._validate import DeepCollapseError
+
+__all__ = ["DEFAULT_TILE_BYTES", "block_rows", "row_blocks"]
+
+DEFAULT_TILE_BYTES = 64 * 2**20  # one tile of a K x K float64 matrix: 64 MiB
+
+
+def block_rows(num_cols: int, tile_bytes: int, *, name: str = "tile_bytes") -> int:
+    """Rows of a ``(rows, num_cols)`` float64 block that fit in ``tile_bytes`` (at least one row must)."""
+    if isinstance(tile_bytes, bool) or not isinstance(tile_bytes, int) or tile_bytes < 8 * num_cols:
+        raise DeepCollapseError(
+            f"{name}={tile_bytes!r} cannot hold one tile: a row of {num_cols} float64 values needs {8 * num_cols} bytes"
+        )
+    return max(1, tile_bytes // (8 * num_cols))
+
+
+def row_blocks(left: Tensor, right: Tensor, tile_bytes: int) -> Iterator[tuple[slice, Tensor]]:
+    """Yield ``(rows, left[rows] @ right^T)`` over row blocks of ``left`` (K1, D) against ``right`` (K2, D)."""
+    step = block_rows(right.shape[0], tile_bytes)
+    for start in range(0, left.shape[0], step):
+        rows = slice(start, min(start + step, left.shape[0]))
+        yield rows, left[rows] @ right.T
