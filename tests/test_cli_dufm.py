@@ -36,7 +36,8 @@ def test_done_criterion_run(tmp_path):
     assert [e["layer"] for e in summary["layers"]] == [1, 2, 3]
     assert all(e["nc1"] < 1e-4 for e in summary["layers"])
     assert all({"layer", "nc1", "nc2", "nc3"} <= set(e) for e in summary["layers"])
-    assert summary["check"]["dnc"]
+    assert summary["analysis"]["verdict"] == "dnc" and summary["analysis"]["gap"] == summary["gap"]
+    assert summary["stop_reason"] == "gap" and summary["certificate"]["gap"] <= 1e-9  # K = 2: a certified gap
     for name in ("config.json", "history.csv", "loss.png", "metrics.png", "checkpoint.pt"):
         assert (out / name).stat().st_size > 0
     rows = list(csv.DictReader((out / "history.csv").open()))
@@ -123,7 +124,8 @@ def test_zero_solution_past_the_threshold(tmp_path):
     r = invoke("--n-per-class", "5", "--lambda-h", str(lam), "--lambda-w", str(lam), "--out", str(out), "--no-plots")
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["theory"]["s"] == 0.0 and summary["theory"]["zero_threshold"]["zero_is_optimal"]
+    assert summary["theory"]["s"] == 0.0 and summary["theory"]["zero_threshold"]["zero_is_global_optimum"]
+    assert summary["analysis"]["verdict"] == "zero"
     assert summary["final_loss"] == pytest.approx(0.5, abs=1e-8)
 
 
@@ -135,6 +137,24 @@ def test_theory_command_prints_closed_forms():
         app, ["theory", "-K", "2", "-n", "5", "-L", "3", "--lambda-h", "0.5", "--lambda-w", "0.5", "--json"]
     )
     data = json.loads(r.output)
-    assert data["s"] == 0.0 and data["zero_threshold"]["zero_is_optimal"]
+    assert data["s"] == 0.0 and data["zero_threshold"]["zero_is_global_optimum"]
+    assert (
+        "zero is the global optimum"
+        in runner.invoke(app, ["theory", "-n", "5", "--lambda-h", "0.5", "--lambda-w", "0.5"]).output
+    )
+    r = runner.invoke(app, ["theory", "-K", "10", "-L", "4", "-n", "5", "--lambda-h", "0.03", "--lambda-w", "0.03"])
+    assert "zero beats every DNC configuration (not proven globally optimal" in r.output
+    assert "global optimum" not in r.output.replace("not proven globally optimal", "")
     r = runner.invoke(app, ["theory", "-K", "1"])
     assert r.exit_code == 1 and "num_classes" in r.output
+
+
+def test_one_verdict_even_for_a_run_that_goes_nowhere(tmp_path):
+    """lr 1e6: the line search never accepts a step; the run stalls far from the optimum. One verdict is
+    printed, and it is not "dnc"."""
+    r = invoke("--lr", "1e6", "--steps", "200", "--out", str(tmp_path / "x"), "--no-plots")
+    assert r.exit_code == 0, r.output
+    assert r.output.count("verdict:") == 1 and "verdict: other" in r.output
+    assert "does NOT match" not in r.output
+    summary = json.loads((tmp_path / "x" / "summary.json").read_text())
+    assert "check" not in summary and summary["analysis"]["verdict"] == "other"

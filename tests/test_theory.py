@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from deepcollapse import theory as T
 from deepcollapse._validate import DeepCollapseError
 from deepcollapse.dufm.model import DUFM, DUFMConfig, objective
+from reference import np_dnc
 
 # docs/theory.md: values checked against gradient descent to 6+ digits.
 CHECKED_VALUES = [
@@ -96,11 +98,11 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("kw", CONFIGS)
-@pytest.mark.parametrize("h1", ["orthogonal", "antipodal"])
+@pytest.mark.parametrize("h1", ["orthogonal", "antipodal", "etf"])
 def test_dufm_loss_at_optimal_parameters_equals_dnc_loss(kw, h1):
     cfg = DUFMConfig(**kw)
-    if h1 == "antipodal" and (cfg.num_classes != 2 or cfg.num_layers < 2):
-        with pytest.raises(DeepCollapseError, match="antipodal"):
+    if (h1 == "antipodal" and (cfg.num_classes != 2 or cfg.num_layers < 2)) or (h1 == "etf" and cfg.num_layers < 2):
+        with pytest.raises(DeepCollapseError, match=h1):
             T.optimal_parameters(cfg, h1=h1)
         return
     h, ws = T.optimal_parameters(cfg, h1=h1, generator=torch.Generator().manual_seed(3))
@@ -110,8 +112,33 @@ def test_dufm_loss_at_optimal_parameters_equals_dnc_loss(kw, h1):
     )
     assert float(total) == pytest.approx(expected, rel=1e-12, abs=1e-15)
     report = T.check(h, ws, cfg)
-    assert report["dnc"], report
-    assert abs(report["gap"]) < 1e-12
+    assert report["gap"] == pytest.approx(0.0, abs=1e-12)
+    if expected == 0.5:  # past the threshold: the zero solution
+        assert report["s"] == 0.0 and all(e["mean_norm"] == 0.0 for e in report["layers"])
+        return
+    for e in report["layers"]:
+        assert e["mean_norm_rel_err"] < 1e-12 and e["weight_norm_rel_err"] < 1e-12 and e["nc1"] < 1e-20
+        assert e["orth_frame"] is None if e["layer"] == 1 else e["orth_frame"] < 1e-7
+    K = cfg.num_classes
+    cos = {"orthogonal": 0.0, "antipodal": -1.0, "etf": -1.0 / (K - 1)}[h1]
+    assert report["h1_cos"] == pytest.approx([cos] * (K * (K - 1) // 2), abs=1e-12)
+
+
+@pytest.mark.parametrize("K, L", [(2, 2), (3, 3), (10, 4)])
+def test_etf_h1_optimum_is_stationary(K, L):
+    """The simplex-ETF H1 reaches L_DNC and is a stationary point: the ReLU removes the negative parts of
+    the layer-2 pre-activations, and no parameter can move to lower the loss to first order."""
+    cfg = DUFMConfig(num_classes=K, n_per_class=3, num_layers=L, width=K + 1, lambda_h=2e-3, lambda_w=2e-3)
+    h, ws = T.optimal_parameters(cfg, h1="etf")
+    model = DUFM.from_parameters(cfg, h, ws)
+    model.loss()[0].backward()
+    grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert float(grad.norm()) < 1e-12
+    # the H1 class means: norm t, pairwise cosine -1/(K-1), summing to zero
+    means = h.reshape(h.shape[0], K, 3)[:, :, 0]
+    _, t, _ = T.balanced_scales(num_classes=K, num_layers=L, n=3, lambda_h=2e-3, lambda_w=2e-3)
+    assert torch.allclose(means.norm(dim=0), torch.full((K,), t, dtype=torch.float64), rtol=1e-13, atol=0)
+    assert float(means.sum(1).norm()) < 1e-14
 
 
 def test_optimal_parameters_are_balanced():
@@ -145,12 +172,38 @@ def test_perturbations_do_not_lower_the_loss_k2():
         assert float(objective(hp, wp, DUFM(cfg).y, cfg.lambda_h, cfg.lambdas_w)[0]) >= base - 1e-14
 
 
-def test_check_flags_a_non_optimal_solution():
-    cfg = DUFMConfig(num_classes=2, n_per_class=4, num_layers=3, width=6, lambda_h=0.004, lambda_w=0.004)
+def test_check_reports_measured_values_of_a_random_point():
+    """``check`` at a non-optimal point: every reported quantity against a numpy computation."""
+    cfg = DUFMConfig(num_classes=3, n_per_class=4, num_layers=3, width=6, lambda_h=0.004, lambda_w=0.004)
     model = DUFM(cfg)  # random initialization
+    h = model.h1.detach().numpy()
+    ws = [w.detach().numpy() for w in model.weights]
     report = T.check(model.h1, list(model.weights), cfg)
-    assert not report["dnc"]
-    assert report["gap"] > 0.1
+    sol = T.dnc_solution(num_classes=3, num_layers=3, n=4, lambda_h=0.004, lambda_w=0.004)
+    feats = [h]
+    for w in ws[:-1]:
+        feats.append(np.maximum(w @ feats[-1], 0))
+    out = ws[-1] @ feats[-1]
+    fit = ((out - np.kron(np.eye(3), np.ones((1, 4)))) ** 2).sum() / 24
+    assert report["fit"] == pytest.approx(fit, rel=1e-12)
+    assert report["gap"] == pytest.approx((report["loss"] - sol.dnc_loss) / sol.dnc_loss, rel=1e-12)
+    assert report["s"] == pytest.approx(np.mean([out[c, 4 * c : 4 * c + 4].mean() for c in range(3)]), rel=1e-12)
+    predicted = [sol.t, *sol.q]
+    for e, f, w, q, wq in zip(report["layers"], feats, ws, predicted, sol.weight_norms, strict=True):
+        means = np.stack([f[:, 4 * c : 4 * c + 4].mean(1) for c in range(3)])
+        norms = np.linalg.norm(means, axis=1)
+        assert e["mean_norm"] == pytest.approx(norms.mean(), rel=1e-12)
+        assert e["mean_norm_rel_err"] == pytest.approx(np.abs(norms - q).max() / q, rel=1e-12)
+        assert e["weight_norm_rel_err"] == pytest.approx(abs(np.linalg.norm(w) - wq) / wq, rel=1e-12)
+        ref = np_dnc(f.T, np.repeat(np.arange(3), 4), 3)
+        # post-ReLU means of a random point are ill-conditioned: the pseudo-inverse cut-offs of the metric and
+        # of the reference differ there in the 7th digit (a layer mix-up changes nc1 by far more)
+        assert e["nc1"] == pytest.approx(ref["nc1"], rel=1e-9 if e["layer"] == 1 else 1e-5)
+        if e["layer"] > 1:
+            assert e["orth_frame"] == pytest.approx(ref["nc2_orth"], rel=1e-9)
+    means_h1 = np.stack([h[:, 4 * c : 4 * c + 4].mean(1) for c in range(3)])
+    unit = means_h1 / np.linalg.norm(means_h1, axis=1, keepdims=True)
+    assert report["h1_cos"] == pytest.approx([unit[0] @ unit[1], unit[0] @ unit[2], unit[1] @ unit[2]], rel=1e-12)
 
 
 def test_theory_input_errors():

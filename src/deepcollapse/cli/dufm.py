@@ -11,9 +11,11 @@ import typer
 from deepcollapse.cli.common import console, fmt, handle_errors, parse_list, print_table, resolve_device
 from deepcollapse.dufm.model import DUFMConfig
 from deepcollapse.dufm.solve import OPTIMIZERS, SolverConfig
+from deepcollapse.dufm.stopping import DEFAULT_MAX_STEPS, StopRules
 from deepcollapse.experiments.dufm_run import run_dufm
 
-DEFAULT_STEPS = {"gd": 100_000, "lbfgs": 2_000, "nesterov": 50_000, "adam": 50_000}
+_RULES = StopRules()  # the defaults shown in --help; the library applies them
+_STEPS = ", ".join(f"{k} {v:,}" for k, v in DEFAULT_MAX_STEPS.items())
 
 
 def register(app: typer.Typer) -> None:
@@ -54,13 +56,21 @@ def theory_cmd(
         f"||W_l||_F = {[fmt(v) for v in sol.weight_norms]}",
         highlight=False,
     )
-    where = "past it: the zero solution is optimal" if zt.zero_is_optimal else f"{zt.scale:.4g}x below it"
+    if zt.zero_is_global_optimum:
+        where = "past it: zero is the global optimum (proven for K = 2 and for L = 1)"
+    elif zt.zero_is_optimal:
+        where = "past it: zero beats every DNC configuration (not proven globally optimal for K > 2)"
+    else:
+        where = f"{zt.scale:.4g}x below it"
     console.print(
-        f"zero-solution threshold: K·C* = {zt.kc:.6g} (common λ* = {zt.lambda_equal:.6g}); these λ's are {where}",
+        f"DNC family's zero threshold: K·C* = {zt.kc:.6g} (common λ* = {zt.lambda_equal:.6g}); these λ's are {where}",
         highlight=False,
     )
     if classes > 2 and layers > 1:
-        console.print("note: for K > 2 this is the best DNC configuration; lower-rank solutions can do better")
+        console.print(
+            "note: for K > 2 this is the best DNC configuration, not a proven optimum; lower-rank solutions "
+            "can do better (the SRG construction, shown for some K = C(r, 2) with L >= 4)"
+        )
 
 
 @handle_errors
@@ -77,11 +87,24 @@ def dufm(
         str, typer.Option("--optimizer", "-o", help=f"One of {', '.join(OPTIMIZERS)}; gd is the paper's.")
     ] = "lbfgs",
     lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default per optimizer).")] = None,
-    steps: Annotated[
-        int | None, typer.Option("--steps", min=1, help="Max steps (default: gd 100k, lbfgs 2k, others 50k).")
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help=f"Max steps (default: {_STEPS}).")] = None,
+    tol_grad: Annotated[
+        float | None,
+        typer.Option("--tol-grad", help=f"Stop when ||grad||·||θ||/L <= this (default {_RULES.tol_grad:g})."),
     ] = None,
-    tol_grad: Annotated[float, typer.Option("--tol-grad", help="Stop when ||grad|| <= this.")] = 1e-10,
-    tol_rel: Annotated[float, typer.Option("--tol-rel", help="Stop when |ΔL|/L <= this, 20 steps running.")] = 1e-15,
+    tol_gap: Annotated[
+        float | None,
+        typer.Option(
+            "--tol-gap",
+            help=f"Stop when (L - L_DNC)/L_DNC <= this, where L_DNC is proven optimal (default {_RULES.tol_gap:g}).",
+        ),
+    ] = None,
+    tol_rel: Annotated[
+        float | None,
+        typer.Option(
+            "--tol-rel", help=f"Stop when |ΔL|/L <= this, {_RULES.patience} steps running (default {_RULES.tol_rel:g})."
+        ),
+    ] = None,
     init_std: Annotated[float, typer.Option("--init-std", help="Initial scale of H1 and W_l.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the initialization.")] = 0,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "cpu",
@@ -111,13 +134,8 @@ def dufm(
         device=resolve_device(device),
         seed=seed,
     )
-    solver = SolverConfig(
-        optimizer=optimizer,
-        lr=lr,
-        max_steps=steps if steps is not None else DEFAULT_STEPS.get(optimizer, 2000),
-        tol_grad=tol_grad,
-        tol_rel=tol_rel,
-    )
+    given = {"lr": lr, "max_steps": steps, "tol_grad": tol_grad, "tol_gap": tol_gap, "tol_rel": tol_rel}
+    solver = SolverConfig(optimizer=optimizer, **{k: v for k, v in given.items() if v is not None})
     out = out or Path("runs") / time.strftime("dufm-%Y%m%d-%H%M%S")
     res = run_dufm(
         config, solver, out, overwrite=overwrite, resume=resume, allow_narrow=allow_narrow, progress=progress
@@ -126,33 +144,27 @@ def dufm(
 
 
 def report(summary: dict, out: Path) -> None:
-    """The short human summary printed at the end of a run."""
-    th = summary.get("theory")
+    """The short human summary printed at the end of a run: one verdict, from ``summary["analysis"]``."""
+    th, a, cert = summary.get("theory"), summary["analysis"], summary["certificate"]
     console.print(
         f"[bold]DUFM[/bold] finished: {summary['stop_reason']} after {summary['steps']} steps "
-        f"({summary['evaluations']} evaluations, {summary['seconds']:.2f} s)"
+        f"({summary['evaluations']} evaluations, {summary['seconds']:.2f} s); "
+        f"||grad|| {fmt(cert['grad_norm'])}, ||grad||·||θ||/L {fmt(cert['rel_grad_norm'])}",
+        highlight=False,
     )
     line = f"loss {summary['final_loss']:.10g}"
     if th is not None:
-        line += f"   L_DNC {th['dnc_loss']:.10g}   gap {fmt(summary['gap'])}"
-        check = summary.get("check")
-        measured = f"{check['s']:.6f} " if check is not None else ""
-        line += f"   s {measured}(theory {th['s']:.6f})"
+        line += f"   L_DNC {th['dnc_loss']:.10g}   gap {fmt(a['gap'])}   s {a['s']:.6f} (theory {th['s']:.6f})"
     console.print(line, highlight=False)
     rows = []
     for e in summary["layers"]:
         rows.append({**e, "layer": f"{e['layer']} ({'H1' if e['stage'] == 'free' else 'post-ReLU'})"})
     print_table("per-layer DNC metrics", rows, ["layer", "nc1", "nc2", "nc3", "rank", "mean_norm"])
-    check = summary.get("check")
-    if check is not None:
-        verdict = "matches the DNC optimum" if check["dnc"] else "does NOT match the DNC optimum"
-        cos = ", ".join(f"{c:+.3f}" for c in check["h1_cos"][:6])
-        console.print(f"theory check (tol {check['tol']:g}): {verdict}; H1 class-mean cosines: {cos}")
-    analysis = summary.get("analysis")
-    if analysis is not None:
-        console.print(
-            f"solution analysis: verdict {analysis.get('verdict')}, ranks before ReLU {analysis.get('ranks_pre')}, "
-            f"loss/L_DNC {fmt(analysis.get('ratio_dnc'))}",
-            highlight=False,
-        )
+    failed = [k for k, ok in a["checks"].items() if ok is False]
+    why = f" (fails: {', '.join(failed)})" if failed and a["verdict"] != "dnc" else ""
+    cos = ", ".join(f"{c:+.3f}" for c in a["h1_cos"][:6])
+    console.print(
+        f"verdict: {a['verdict']}{why}; ranks before each ReLU {a['ranks_pre']}; H1 class-mean cosines (free): {cos}",
+        highlight=False,
+    )
     console.print(f"results in {out}/")

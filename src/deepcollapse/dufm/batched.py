@@ -8,11 +8,13 @@ is ``(B, d_{l+1}, d_l)``, and one :func:`torch.bmm` chain evaluates all B object
     \mathcal L_b = \frac1{2N}\|W_{L,b} H_{L,b} - Y\|_F^2 + \sum_l \frac{λ_{W_l,b}}2 \|W_{l,b}\|_F^2
         + \frac{λ_{H_1,b}}2 \|H_{1,b}\|_F^2 ,
 
-each with its own λ's. The configurations are independent, so ``∇_{θ_b} Σ_c \mathcal L_c = ∇ \mathcal L_b``
-and plain gradient descent ``θ_b ← θ_b - η_b ∇\mathcal L_b`` (per-config learning rate ``η_b``) runs
-them all in one set of tensor operations. Each configuration stops on its own criterion (gradient norm,
-relative loss change over ``patience`` steps, divergence, ``max_steps``); a stopped configuration is
-frozen, and the batch is compacted once half of it has stopped.
+each with its own λ's (the objective is :func:`deepcollapse.dufm.model.objective`, which broadcasts over
+the batch). The configurations are independent, so ``∇_{θ_b} Σ_c \mathcal L_c = ∇ \mathcal L_b`` and plain
+gradient descent ``θ_b ← θ_b - η_b ∇\mathcal L_b`` (per-config learning rate ``η_b``) runs them all in
+one set of tensor operations; the gradient is written out by hand (a test holds it to autograd). Each
+configuration stops on its own by the rules of :mod:`deepcollapse.dufm.stopping`, checked every
+``check_every`` steps; a stopped configuration is frozen, and the batch is compacted once half of it has
+stopped.
 
 Initialization equals :class:`deepcollapse.dufm.DUFM` for the same seed (drawn on the CPU in float64, in
 the order ``H_1, W_1..W_L``), so a configuration trained here follows the same trajectory as plain
@@ -31,7 +33,15 @@ import torch
 from torch import Tensor
 
 from deepcollapse._validate import DeepCollapseError, check_positive_int, check_real
-from deepcollapse.dufm.model import DUFM, DUFMConfig, label_matrix
+from deepcollapse.dufm.model import DUFM, DUFMConfig, fit_term, forward, label_matrix, objective, penalty
+from deepcollapse.dufm.stopping import (
+    DEFAULT_MAX_STEPS,
+    STOP_REASONS,
+    StopRules,
+    calm_count,
+    relative_grad_norm,
+    stop_codes,
+)
 
 __all__ = [
     "BatchResult",
@@ -42,32 +52,36 @@ __all__ = [
     "train_batched",
 ]
 
+#: Deprecated name: :func:`deepcollapse.dufm.model.objective` broadcasts over the batch itself.
+batched_objective = objective
+
 
 @dataclass
-class GDOptions:
-    """Per-configuration plain GD settings (one value, or one per configuration for ``lr``)."""
+class GDOptions(StopRules):
+    """Plain GD settings for a batch: ``lr`` one value or one per configuration; the stopping rules
+    (``tol_*``, ``patience``, budgets) are :class:`~deepcollapse.dufm.stopping.StopRules`, checked every
+    ``check_every`` steps (``patience`` counts checks)."""
 
     lr: float | list[float] = 0.5  # η, the step size of θ ← θ - η ∇L
-    max_steps: int = 20000
-    tol_grad: float = 1e-9  # stop when ||∇L||_2 <= tol_grad
-    tol_rel: float = 1e-12  # stop when |ΔL|/L <= tol_rel on `patience` consecutive checks
-    patience: int = 50
+    max_steps: int = DEFAULT_MAX_STEPS["gd"]
     check_every: int = 10  # steps between checks of the stopping rules (the loss is computed there)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         lrs = self.lr if isinstance(self.lr, list | tuple) else [self.lr]
         for i, v in enumerate(lrs):
             check_real(f"lr[{i}]" if len(lrs) > 1 else "lr", v, low=0.0, low_inclusive=False)
         self.max_steps = check_positive_int("max_steps", self.max_steps)
-        self.tol_grad = check_real("tol_grad", self.tol_grad, low=0.0)
-        self.tol_rel = check_real("tol_rel", self.tol_rel, low=0.0)
-        self.patience = check_positive_int("patience", self.patience)
         self.check_every = check_positive_int("check_every", self.check_every)
 
 
 @dataclass
 class BatchResult:
-    """The end of one configuration's run (parameters on the CPU, in the run's dtype)."""
+    """The end of one configuration's run (parameters on the CPU, in the run's dtype).
+
+    ``stop_reason`` is one of :data:`deepcollapse.dufm.stopping.STOP_REASONS`; ``grad_norm`` and
+    ``rel_grad_norm`` (``||∇L||·||θ||/L``) certify the end point.
+    """
 
     index: int  # position in the list given to train_batched
     config: DUFMConfig
@@ -78,8 +92,9 @@ class BatchResult:
     reg: float
     grad_norm: float
     steps: int
-    stop_reason: str  # "grad" | "rel" | "max_steps" | "diverged"
+    stop_reason: str
     seconds: float
+    rel_grad_norm: float = math.nan
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -107,34 +122,8 @@ def stack_init(
     return h1, ws
 
 
-def batched_objective(
-    h1: Tensor, weights: Sequence[Tensor], y: Tensor, lambda_h: Tensor, lambdas_w: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(total, fit, reg)``, each ``(B,)``: the DUFM objective of every stacked configuration.
-
-    ``lambda_h`` is ``(B,)`` and ``lambdas_w`` is ``(B, L)``; ``y`` is the shared ``(K, N)`` one-hot.
-    """
-    h = h1
-    for w in weights[:-1]:
-        h = torch.relu(torch.matmul(w, h))
-    out = torch.matmul(weights[-1], h)
-    fit = (out - y).pow(2).sum((1, 2)) / (2 * y.shape[1])
-    reg = 0.5 * lambda_h * h1.pow(2).sum((1, 2))
-    for i, w in enumerate(weights):
-        reg = reg + 0.5 * lambdas_w[:, i] * w.pow(2).sum((1, 2))
-    return fit + reg, fit, reg
-
-
 def _col(v: Tensor) -> Tensor:
     return v[:, None, None]
-
-
-def _forward(h1: Tensor, weights: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
-    """``[H_1, H_2, …, H_L]`` and the output ``W_L H_L``, batched."""
-    hs = [h1]
-    for w in weights[:-1]:
-        hs.append(torch.matmul(w, hs[-1]).relu_())
-    return hs, torch.matmul(weights[-1], hs[-1])
 
 
 def _backward(weights: Sequence[Tensor], hs: Sequence[Tensor], delta: Tensor) -> list[Tensor]:
@@ -151,32 +140,77 @@ def _backward(weights: Sequence[Tensor], hs: Sequence[Tensor], delta: Tensor) ->
     return grads[::-1]
 
 
-def _gradients(
-    h1: Tensor, weights: Sequence[Tensor], y: Tensor, lambda_h: Tensor, lambdas_w: Tensor
-) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
-    """Explicit gradients of every stacked objective, and ``(fit, reg, ||∇||_2)`` per configuration."""
-    hs, out = _forward(h1, weights)
-    resid = out.sub_(y)
-    n = y.shape[1]
-    fit = resid.pow(2).sum((1, 2)) / (2 * n)
-    grads = _backward(weights, hs, resid.div_(n))
-    lams = [lambda_h, *lambdas_w.unbind(1)]
+@dataclass
+class _Batch:
+    """The configurations still in the tensors: stacked parameters, per-row settings and counters."""
+
+    params: list[Tensor]  # [H1 (B, d1, N), W_1 (B, d2, d1), ...]
+    lam_h: Tensor  # (B,)
+    lam_w: Tensor  # (B, L)
+    lr: Tensor  # (B,)
+    prev: Tensor  # (B,) loss at the previous check
+    calm: Tensor  # (B,) consecutive calm checks
+    active: Tensor  # (B,) bool: still running
+    idx: list[int]  # row -> configuration index
+
+    def lams(self) -> list[Tensor]:
+        return [self.lam_h, *self.lam_w.unbind(1)]
+
+    def keep(self, rows: Tensor) -> None:
+        """Drop every row not in ``rows``."""
+        self.params = [p[rows].contiguous() for p in self.params]
+        for name in ("lam_h", "lam_w", "lr", "prev", "calm", "active"):
+            setattr(self, name, getattr(self, name)[rows])
+        self.idx = [self.idx[k] for k in rows.tolist()]
+
+
+@dataclass
+class _Eval:
+    """Loss parts, gradients and the certificate of every row at one check."""
+
+    grads: list[Tensor]
+    fit: Tensor
+    reg: Tensor
+    grad_norm: Tensor
+    param_norm: Tensor
+
+    @property
+    def total(self) -> Tensor:
+        return self.fit + self.reg
+
+
+def _evaluate(b: _Batch, y: Tensor) -> _Eval:
+    """Explicit gradients of every stacked objective, the loss parts and ``||∇L||``, ``||θ||`` per row."""
+    _, post, out = forward(b.params[0], b.params[1:])
+    n = y.shape[-1]
+    fit = fit_term(out, y)
+    grads = _backward(b.params[1:], [b.params[0], *post], (out - y) / n)
     reg = torch.zeros_like(fit)
-    sq = torch.zeros_like(fit)
-    for g, p, lam in zip(grads, [h1, *weights], lams, strict=True):
-        reg += 0.5 * lam * p.pow(2).sum((1, 2))
+    sq_g, sq_p = torch.zeros_like(fit), torch.zeros_like(fit)
+    for g, p, lam in zip(grads, b.params, b.lams(), strict=True):
+        reg = reg + penalty(p, lam)
         g.addcmul_(p, _col(lam))
-        sq += g.pow(2).sum((1, 2))
-    return grads, fit, reg, sq.sqrt()
+        sq_g += g.pow(2).sum((1, 2))
+        sq_p += p.pow(2).sum((1, 2))
+    return _Eval(grads, fit, reg, sq_g.sqrt(), sq_p.sqrt())
 
 
-def _fused_step(h1: Tensor, weights: list[Tensor], y: Tensor, lambda_h: Tensor, lambdas_w: Tensor, lr: Tensor) -> None:
-    """One in-place GD step without the loss: ``θ ← (1 - η λ) θ - η ∇fit``, ``η`` folded into ``δ``."""
-    hs, out = _forward(h1, weights)
-    grads = _backward(weights, hs, out.sub_(y).mul_(_col(lr / y.shape[1])))
-    lams = [lambda_h, *lambdas_w.unbind(1)]
-    for g, p, lam in zip(grads, [h1, *weights], lams, strict=True):
+def _fused_step(b: _Batch, y: Tensor) -> None:
+    """One in-place GD step without the loss: ``θ ← (1 - η λ) θ - η ∇fit``, ``η`` folded into ``δ``.
+
+    Stopped rows have ``η = 0`` and stay where they are.
+    """
+    lr = b.lr * b.active.to(b.lr.dtype)
+    _, post, out = forward(b.params[0], b.params[1:])
+    grads = _backward(b.params[1:], [b.params[0], *post], out.sub_(y).mul_(_col(lr / y.shape[-1])))
+    for g, p, lam in zip(grads, b.params, b.lams(), strict=True):
         p.mul_(_col(1 - lr * lam)).sub_(g)
+
+
+def _gd_step(b: _Batch, grads: list[Tensor]) -> None:
+    step = _col(b.lr * b.active.to(b.lr.dtype))
+    for p, g in zip(b.params, grads, strict=True):
+        p.sub_(step * g)
 
 
 def _per_config(values: Any, count: int, name: str) -> list[float]:
@@ -185,6 +219,29 @@ def _per_config(values: Any, count: int, name: str) -> list[float]:
             raise DeepCollapseError(f"{name} has {len(values)} values for {count} configurations")
         return [float(v) for v in values]
     return [float(values)] * count
+
+
+def _start(
+    configs: Sequence[DUFMConfig], opts: GDOptions, dtype: torch.dtype | None, device: str | torch.device
+) -> tuple[_Batch, Tensor]:
+    b = len(configs)
+    h1, ws = stack_init(configs, dtype=dtype, device=device)
+    dt = h1.dtype
+
+    def vec(values: Any) -> Tensor:
+        return torch.tensor(values, dtype=dt, device=device)
+
+    batch = _Batch(
+        params=[h1.contiguous(), *[w.contiguous() for w in ws]],
+        lam_h=vec([c.lambda_h for c in configs]),
+        lam_w=vec([c.lambdas_w for c in configs]),
+        lr=vec(_per_config(opts.lr, b, "lr")),
+        prev=torch.full((b,), math.nan, dtype=dt, device=device),
+        calm=torch.zeros(b, dtype=torch.int64, device=device),
+        active=torch.ones(b, dtype=torch.bool, device=device),
+        idx=list(range(b)),
+    )
+    return batch, label_matrix(configs[0].counts, dtype=dt, device=device)
 
 
 def train_batched(
@@ -196,85 +253,102 @@ def train_batched(
     on_finish: Callable[[BatchResult], None] | None = None,
     history_every: int | None = None,
     compact_below: float = 0.5,
+    lower_bounds: Sequence[float | None] | None = None,
 ) -> list[BatchResult]:
     """Plain full-batch GD on all ``configs`` (same shapes) at once; one :class:`BatchResult` each.
 
     ``on_finish`` is called as soon as a configuration stops (e.g. to append a result row); results
     are returned in the order of ``configs``. ``history_every`` records ``(step, loss)`` every so many
     steps. The batch is compacted when fewer than ``compact_below`` of its rows are still running.
+    ``lower_bounds`` (one proven lower bound on the loss, or ``None``, per configuration) switches on the
+    certified-gap rule.
     """
     opts = options or GDOptions()
-    b = len(configs)
-    h1, ws = stack_init(configs, dtype=dtype, device=device)
-    dt = h1.dtype
-    cfg0 = configs[0]
-    y = label_matrix(cfg0.counts, dtype=dt, device=device)
-    lam_h = torch.tensor([c.lambda_h for c in configs], dtype=dt, device=device)
-    lam_w = torch.tensor([c.lambdas_w for c in configs], dtype=dt, device=device)
-    lr = torch.tensor(_per_config(opts.lr, b, "lr"), dtype=dt, device=device)
-    idx = list(range(b))  # batch row -> configuration index
-    params = [h1.contiguous(), *[w.contiguous() for w in ws]]
-    prev = torch.full((b,), math.nan, dtype=dt, device=device)
-    calm = torch.zeros(b, dtype=torch.int64, device=device)
+    batch, y = _start(configs, opts, dtype, device)
+    bounds = torch.tensor(
+        [math.nan if v is None else v for v in _per_config_bounds(lower_bounds, len(configs))],
+        dtype=y.dtype,
+        device=y.device,
+    )
     results: dict[int, BatchResult] = {}
-    histories: dict[int, list[dict[str, float]]] = {i: [] for i in range(b)}
+    histories: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(configs))}
     start = time.perf_counter()
-    active = torch.ones(b, dtype=torch.bool, device=device)
-
-    def finish(row: int, reason: str, step: int, total: Tensor, fit: Tensor, reg: Tensor, gnorm: Tensor) -> None:
-        i = idx[row]
-        res = BatchResult(
-            index=i,
-            config=configs[i],
-            h1=params[0][row].detach().cpu().clone(),
-            weights=[p[row].detach().cpu().clone() for p in params[1:]],
-            loss=float(total[row]),
-            fit=float(fit[row]),
-            reg=float(reg[row]),
-            grad_norm=float(gnorm[row]),
-            steps=step,
-            stop_reason=reason,
-            seconds=time.perf_counter() - start,
-            history=histories[i],
-        )
-        results[i] = res
-        if on_finish is not None:
-            on_finish(res)
-
     for step in range(opts.max_steps + 1):
         record = bool(history_every) and step % history_every == 0
         if not (step % opts.check_every == 0 or step == opts.max_steps or record):
-            _fused_step(params[0], params[1:], y, lam_h, lam_w, lr * active.to(dt))
+            _fused_step(batch, y)
             continue
-        grads, fit, reg, gnorm = _gradients(params[0], params[1:], y, lam_h, lam_w)
-        total = fit + reg
+        ev = _evaluate(batch, y)
         if record:
-            for row in active.nonzero().flatten().tolist():
-                histories[idx[row]].append({"step": step, "loss": float(total[row])})
-        rel = (total - prev).abs() / total.abs().clamp_min(1e-300)
-        calm = torch.where(rel <= opts.tol_rel, calm + 1, torch.zeros_like(calm))
-        prev = total
-        diverged = ~torch.isfinite(total) | ~torch.isfinite(gnorm)
-        by_grad = gnorm <= opts.tol_grad
-        by_rel = calm >= opts.patience
-        at_max = torch.full_like(active, step == opts.max_steps)
-        stop = active & (diverged | by_grad | by_rel | at_max)
-        if bool(stop.any()):
-            for row in stop.nonzero().flatten().tolist():
-                reason = (
-                    "diverged" if diverged[row] else "grad" if by_grad[row] else "rel" if by_rel[row] else "max_steps"
-                )
-                finish(row, reason, step, total, fit, reg, gnorm)
-            active = active & ~stop
-        if not bool(active.any()):
+            for row in batch.active.nonzero().flatten().tolist():
+                histories[batch.idx[row]].append({"step": step, "loss": float(ev.total[row])})
+        codes = _stop(batch, ev, opts, step=step, seconds=time.perf_counter() - start, bounds=bounds)
+        for row in codes.nonzero().flatten().tolist():
+            res = _result(batch, ev, row, configs, STOP_REASONS[int(codes[row]) - 1], step, start, histories)
+            results[res.index] = res
+            if on_finish is not None:
+                on_finish(res)
+        batch.active &= codes == 0
+        if not bool(batch.active.any()):
             break
-        step_size = _col(lr * active.to(dt))
-        for p, g in zip(params, grads, strict=True):
-            p.sub_(step_size * g)
-        if int(active.sum()) < compact_below * len(idx):
-            keep = active.nonzero().flatten()
-            params = [p[keep].contiguous() for p in params]
-            lam_h, lam_w, lr, prev, calm = lam_h[keep], lam_w[keep], lr[keep], prev[keep], calm[keep]
-            idx = [idx[k] for k in keep.tolist()]
-            active = active[keep]
-    return [results[i] for i in range(b)]
+        _gd_step(batch, ev.grads)
+        if int(batch.active.sum()) < compact_below * len(batch.idx):
+            keep = batch.active.nonzero().flatten()
+            bounds = bounds[keep]
+            batch.keep(keep)
+    return [results[i] for i in range(len(configs))]
+
+
+def _per_config_bounds(values: Sequence[float | None] | None, count: int) -> list[float | None]:
+    if values is None:
+        return [None] * count
+    if len(values) != count:
+        raise DeepCollapseError(f"lower_bounds has {len(values)} values for {count} configurations")
+    return list(values)
+
+
+def _stop(b: _Batch, ev: _Eval, opts: GDOptions, *, step: int, seconds: float, bounds: Tensor) -> Tensor:
+    """Stop codes of the running rows (0 for stopped ones and for those that go on)."""
+    total = ev.total
+    b.calm = calm_count(b.calm, total, b.prev, opts.tol_rel)
+    b.prev = total
+    codes = stop_codes(
+        opts,
+        loss=total,
+        grad_norm=ev.grad_norm,
+        param_norm=ev.param_norm,
+        calm=b.calm,
+        step=step,
+        max_steps=opts.max_steps,
+        seconds=seconds,
+        lower_bound=bounds,
+    )
+    return torch.where(b.active, codes, torch.zeros_like(codes))
+
+
+def _result(
+    b: _Batch,
+    ev: _Eval,
+    row: int,
+    configs: Sequence[DUFMConfig],
+    reason: str,
+    step: int,
+    start: float,
+    histories: dict[int, list[dict[str, float]]],
+) -> BatchResult:
+    i = b.idx[row]
+    return BatchResult(
+        index=i,
+        config=configs[i],
+        h1=b.params[0][row].detach().cpu().clone(),
+        weights=[p[row].detach().cpu().clone() for p in b.params[1:]],
+        loss=float(ev.total[row]),
+        fit=float(ev.fit[row]),
+        reg=float(ev.reg[row]),
+        grad_norm=float(ev.grad_norm[row]),
+        rel_grad_norm=float(relative_grad_norm(ev.grad_norm[row], ev.param_norm[row], ev.total[row])),
+        steps=step,
+        stop_reason=reason,
+        seconds=time.perf_counter() - start,
+        history=histories[i],
+    )

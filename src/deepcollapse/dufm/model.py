@@ -38,11 +38,14 @@ from deepcollapse.measure import metrics as M
 __all__ = [
     "DUFM",
     "DUFMConfig",
+    "fit_term",
     "forward",
     "label_matrix",
     "labels_from_counts",
+    "layer_lambdas",
     "layer_metrics",
     "objective",
+    "penalty",
 ]
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -138,38 +141,74 @@ def label_matrix(
 
 
 def forward(h1: Tensor, weights: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    """Run the DUFM.
+    """Run the DUFM: ``H̃_{l+1} = W_l H_l``, ``H_{l+1} = σ(H̃_{l+1})`` (l = 1..L-1), output ``W_L H_L``.
 
-    Returns ``(pre, post, output)``: ``pre[l]`` is ``H̃_{l+2} = W_{l+1} H_{l+1}`` and ``post[l]`` its ReLU
-    (``l = 0..L-2``, i.e. layers 2..L), and ``output = W_L H_L``. ``pre``/``post`` are empty for L = 1.
+    Broadcasts over leading batch dimensions: ``h1`` is ``(..., d_1, N)`` and ``weights[l]`` is
+    ``(..., d_{l+2}, d_{l+1})``. Returns ``(pre, post, output)``: ``pre[l]`` is ``H̃_{l+2}`` and ``post[l]``
+    its ReLU (``l = 0..L-2``, i.e. layers 2..L), and ``output = W_L H_L`` ``(..., K, N)``; ``pre``/``post``
+    are empty for L = 1.
     """
     pre: list[Tensor] = []
     post: list[Tensor] = []
     h = h1
     for w in weights[:-1]:
-        z = w @ h
+        z = torch.matmul(w, h)
         h = torch.relu(z)
         pre.append(z)
         post.append(h)
-    return pre, post, weights[-1] @ h
+    return pre, post, torch.matmul(weights[-1], h)
+
+
+def fit_term(output: Tensor, y: Tensor) -> Tensor:
+    """``||output - Y||_F² / (2N)`` over the last two dimensions, ``N = y.shape[-1]``: shape ``(...)``."""
+    return (output - y).pow(2).sum((-2, -1)) / (2 * y.shape[-1])
+
+
+def penalty(x: Tensor, lam: float | Tensor) -> Tensor:
+    """``λ/2 ||X||_F²`` over the last two dimensions; ``lam`` is a number or a ``(...)`` tensor."""
+    return 0.5 * lam * x.pow(2).sum((-2, -1))
+
+
+def layer_lambdas(lambdas_w: Sequence[float | Tensor] | Tensor, num_layers: int) -> list[float | Tensor]:
+    """``λ_W1..λ_WL`` as a list: from a sequence of ``L`` numbers/``(...)`` tensors, or a ``(..., L)`` tensor."""
+    values = list(lambdas_w.unbind(-1)) if isinstance(lambdas_w, Tensor) else list(lambdas_w)
+    if len(values) != num_layers:
+        raise DeepCollapseError(f"lambdas_w has {len(values)} values for {num_layers} weight matrices")
+    return values
 
 
 def objective(
     h1: Tensor,
     weights: Sequence[Tensor],
     y: Tensor,
-    lambda_h: float,
-    lambdas_w: Sequence[float],
+    lambda_h: float | Tensor,
+    lambdas_w: Sequence[float | Tensor] | Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The DUFM loss and its parts: ``(total, fit, reg)``.
+    r"""The DUFM loss and its parts ``(total, fit, reg)``, one value per leading batch index.
 
-    ``fit = ||W_L H_L - Y||²/(2N)``, ``reg = Σ λ_{W_l}/2 ||W_l||² + λ_{H1}/2 ||H_1||²``.
+    .. math::
+
+        \text{fit} = \frac1{2N}\|W_L H_L - Y\|_F^2,\qquad
+        \text{reg} = \sum_{l=1}^L \frac{λ_{W_l}}2\|W_l\|_F^2 + \frac{λ_{H_1}}2\|H_1\|_F^2 .
+
+    Shapes: ``h1`` ``(..., d_1, N)``, ``weights[l]`` ``(..., d_{l+2}, d_{l+1})``, ``y`` ``(K, N)`` (or
+    ``(..., K, N)``); ``lambda_h`` a number or a ``(...)`` tensor; ``lambdas_w`` ``L`` numbers or ``(...)``
+    tensors, or one ``(..., L)`` tensor. Unbatched inputs give 0-dim results. This is the one
+    implementation of the objective: the solvers, the batched trainer, the theory and the real-network
+    head call it.
+
+    Example
+    -------
+    >>> h1, ws = torch.ones(2, 4, 3, 6), [torch.ones(2, 2, 3)]  # a batch of two L = 1 DUFMs
+    >>> total, fit, reg = objective(h1, ws, label_matrix([3, 3]), torch.tensor([0.0, 1.0]), [0.0])
+    >>> reg.tolist()
+    [0.0, 36.0]
     """
     _, _, out = forward(h1, weights)
-    fit = (out - y).pow(2).sum() / (2 * y.shape[1])
-    reg = 0.5 * lambda_h * h1.pow(2).sum()
-    for lam, w in zip(lambdas_w, weights, strict=True):
-        reg = reg + 0.5 * lam * w.pow(2).sum()
+    fit = fit_term(out, y)
+    reg = penalty(h1, lambda_h)
+    for lam, w in zip(layer_lambdas(lambdas_w, len(weights)), weights, strict=True):
+        reg = reg + penalty(w, lam)
     return fit + reg, fit, reg
 
 

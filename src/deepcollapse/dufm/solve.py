@@ -10,10 +10,12 @@ therefore minimizes ``lbfgs_scale · L`` (same minimizers). (2) ReLU kinks can s
 (some optima sit where pre-activations are exactly 0); a step that does not lower the loss restarts
 L-BFGS from a fresh memory.
 
-A run stops at the first of: gradient norm ``||∇L||_2 <= tol_grad``; relative loss change
-``|L_t - L_{t-1}| / L_t <= tol_rel`` on ``patience`` consecutive steps; ``max_steps``; a non-finite
-loss (:class:`~deepcollapse._validate.DivergenceError`, raised after the history is kept on the result).
-The history holds the loss parts and, at log-spaced steps, the per-layer DNC metrics.
+A run stops by the rules of :mod:`deepcollapse.dufm.stopping`, checked before every step: divergence, a
+certified gap (when a proven lower bound is passed), stationarity (relative gradient norm), a stall,
+and the budgets. The result carries the certificate: the gradient norm, the relative gradient norm and,
+when ``dnc_loss`` is given, the gap. A diverged run raises
+:class:`~deepcollapse._validate.DivergenceError` after the history is kept on the result. The history holds
+the loss parts and, at log-spaced steps, the per-layer DNC metrics.
 
 A checkpoint (:func:`save_checkpoint`) is the whole solver state -- parameters, optimizer state, step,
 history, stopping counters -- so a resumed run continues exactly where an unbroken one would be.
@@ -32,6 +34,15 @@ import torch
 
 from deepcollapse._validate import DeepCollapseError, DivergenceError, check_positive_int, check_real
 from deepcollapse.dufm.model import DUFM, DUFMConfig, layer_metrics
+from deepcollapse.dufm.stopping import (
+    DEFAULT_MAX_STEPS,
+    STOP_REASONS,
+    StopRules,
+    calm_count,
+    relative_gap,
+    relative_grad_norm,
+    stop_codes,
+)
 from deepcollapse.files import save_torch
 
 __all__ = [
@@ -50,34 +61,30 @@ DEFAULT_LR = {"gd": 0.5, "lbfgs": 1.0, "nesterov": 0.1, "adam": 1e-3}
 
 
 @dataclass
-class SolverConfig:
-    """How to minimize the DUFM objective."""
+class SolverConfig(StopRules):
+    """How to minimize the DUFM objective; the stopping rules (``tol_*``, ``patience``, budgets) are
+    :class:`~deepcollapse.dufm.stopping.StopRules`."""
 
     optimizer: str = "lbfgs"  # gd (the paper's), lbfgs, nesterov, adam
-    lr: float | None = None  # None: gd 0.5, lbfgs 1.0, nesterov 0.1, adam 1e-3
-    max_steps: int = 5000  # outer steps (an lbfgs step runs up to `lbfgs_iters` iterations)
-    tol_grad: float = 1e-10  # stop when ||grad||_2 <= tol_grad
-    tol_rel: float = 1e-15  # stop when |ΔL|/L <= tol_rel on `patience` consecutive steps
-    patience: int = 20
+    lr: float | None = None  # None: DEFAULT_LR[optimizer]
+    max_steps: int | None = None  # outer steps; None: DEFAULT_MAX_STEPS[optimizer]
     momentum: float = 0.9  # nesterov only
-    lbfgs_iters: int = 20  # inner iterations per lbfgs step
-    lbfgs_history: int = 100
+    lbfgs_iters: int = 10  # inner iterations per lbfgs step (the stopping rules are checked between steps)
+    lbfgs_history: int = 50  # curvature pairs kept (the two-loop recursion dominates the cost of a step)
     lbfgs_scale: float = 1e4  # the objective is multiplied by this inside L-BFGS (see module doc)
     history_points: int = 60  # log-spaced steps at which per-layer metrics are recorded
     metrics: bool = True  # record per-layer metrics in the history
-    target_loss: float | None = None  # also stop once the loss is <= target_loss (benchmarks)
-    max_seconds: float | None = None  # also stop after this much solver time
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.optimizer not in OPTIMIZERS:
             raise DeepCollapseError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]
         self.lr = check_real("lr", self.lr, low=0.0, low_inclusive=False)
+        if self.max_steps is None:
+            self.max_steps = DEFAULT_MAX_STEPS[self.optimizer]
         self.max_steps = check_positive_int("max_steps", self.max_steps)
-        self.tol_grad = check_real("tol_grad", self.tol_grad, low=0.0)
-        self.tol_rel = check_real("tol_rel", self.tol_rel, low=0.0)
-        self.patience = check_positive_int("patience", self.patience)
         self.momentum = check_real("momentum", self.momentum, low=0.0, high=1.0)
         self.lbfgs_iters = check_positive_int("lbfgs_iters", self.lbfgs_iters)
         self.lbfgs_history = check_positive_int("lbfgs_history", self.lbfgs_history)
@@ -90,7 +97,13 @@ class SolverConfig:
 
 @dataclass
 class SolveResult:
-    """What a run produced. ``history`` rows are JSON/CSV-ready dicts."""
+    """What a run produced. ``history`` rows are JSON/CSV-ready dicts.
+
+    The certificate of the end point: ``grad_norm`` (``||∇L||_2``), ``rel_grad_norm``
+    (``||∇L||·||θ||/L``, the ``"stationary"`` rule's quantity) and ``gap`` (``(L - L_DNC)/L_DNC`` when
+    ``dnc_loss`` was given, else ``None``). ``stop_reason`` is one of
+    :data:`deepcollapse.dufm.stopping.STOP_REASONS`.
+    """
 
     model: DUFM
     history: list[dict[str, Any]]
@@ -102,6 +115,8 @@ class SolveResult:
     fit: float
     reg: float
     grad_norm: float
+    rel_grad_norm: float = math.nan
+    gap: float | None = None
     layers: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -138,6 +153,255 @@ def flat_metrics(layers: list[dict[str, Any]]) -> dict[str, float]:
     return row
 
 
+@dataclass
+class _State:
+    """The solver's counters; with the parameters and the optimizer state, all a checkpoint holds."""
+
+    step: int = 0
+    evaluations: int = 0
+    seconds: float = 0.0
+    calm: int = 0  # consecutive checks with a tiny relative change
+    prev_loss: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Point:
+    """The objective, its parts and its gradient at the current parameters."""
+
+    loss: float
+    fit: float
+    reg: float
+    grad_norm: float
+    param_norm: float
+
+
+@dataclass
+class _Run:
+    """What one solve works with: the model and its parameters, settings, the optimizer and the state."""
+
+    model: DUFM
+    cfg: SolverConfig
+    params: list[torch.Tensor]
+    opt: torch.optim.Optimizer | None
+    st: _State
+    dnc_loss: float | None
+    lower_bound: float | None
+    callback: Callable[[dict[str, Any]], None] | None
+
+
+def solve(
+    model: DUFM,
+    config: SolverConfig | None = None,
+    *,
+    dnc_loss: float | None = None,
+    lower_bound: float | None = None,
+    progress: bool = False,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: float = 30.0,
+    resume_state: dict[str, Any] | None = None,
+) -> SolveResult:
+    """Minimize the DUFM objective of ``model`` in place.
+
+    Parameters
+    ----------
+    model : the DUFM; its parameters are updated in place.
+    config : solver settings (default :class:`SolverConfig`).
+    dnc_loss : the theory's ``L_DNC``; when given, history rows and the result carry the ``gap``.
+    lower_bound : a proven lower bound on the loss (``L_DNC`` for K = 2 or L = 1); when given, the run
+        also stops on the certified gap ``(L - lower_bound)/|lower_bound| <= config.tol_gap``.
+    progress : show a progress bar (rich).
+    callback : called with each history row as it is recorded.
+    checkpoint : path of a checkpoint written every ``checkpoint_every`` seconds and at the end.
+    resume_state : a dict from :func:`load_checkpoint` to continue from.
+
+    Small CPU problems (under ``SMALL_PROBLEM`` parameters) run with one intra-op thread, restored after.
+
+    Raises
+    ------
+    DivergenceError : the loss became NaN or inf; ``err.result`` holds the run so far.
+    """
+    cfg = config or SolverConfig()
+    params = [model.h1, *model.weights]
+    run = _Run(model, cfg, params, _make_optimizer(params, cfg), _State(), dnc_loss, lower_bound, callback)
+    if resume_state is not None:
+        _restore(model, run.opt, run.st, resume_state)
+    small = model.h1.device.type == "cpu" and sum(p.numel() for p in params) < SMALL_PROBLEM
+    threads = torch.get_num_threads()
+    if small:  # intra-op threads only add overhead (and contention) on matrices this small
+        torch.set_num_threads(1)
+    try:
+        point, reason = _loop(run, progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
+    finally:
+        torch.set_num_threads(threads)
+    if checkpoint is not None and reason != "diverged":  # never overwrite a good state with NaNs
+        save_checkpoint(checkpoint, model, run.opt, run.st, cfg)
+    result = _result(run, point, reason)
+    if reason == "diverged":
+        err = DivergenceError(
+            f"the loss became {point.loss} at step {run.st.step} ({cfg.optimizer}, lr={cfg.lr}); try a smaller lr"
+        )
+        err.result = result  # type: ignore[attr-defined]
+        raise err
+    return result
+
+
+def _loop(run: _Run, *, progress: bool, checkpoint: str | Path | None, checkpoint_every: float) -> tuple[_Point, str]:
+    """Evaluate, check the stopping rules, record, step; until a rule holds. Returns the last point."""
+    cfg, st = run.cfg, run.st
+    marks = log_steps(cfg.max_steps, cfg.history_points)
+    bar = _Progress(cfg.max_steps, enabled=progress, start=st.step)
+    last_ckpt = time.perf_counter()
+    boundary = _boundary(st)
+    in_step = False
+    try:
+        while True:
+            point = _timed(st, lambda: _evaluate(run))
+            reason = _check(run, point)
+            if reason or st.step in marks:
+                _record(run, point, with_metrics=reason != "diverged")
+            if reason:
+                return point, reason
+            if run.opt is not None and isinstance(run.opt, torch.optim.LBFGS) and _stalled(st, point):
+                run.opt = _make_optimizer(run.params, cfg)  # stalled at a kink: restart with a fresh memory
+            st.prev_loss = point.loss
+            in_step = True
+            _timed(st, lambda: _step(run))
+            st.step += 1
+            in_step = False
+            boundary = _boundary(st)
+            bar.update(st.step, point.loss, gap=_gap(run, point.loss))
+            if checkpoint is not None and time.perf_counter() - last_ckpt >= checkpoint_every:
+                save_checkpoint(checkpoint, run.model, run.opt, st, cfg)
+                last_ckpt = time.perf_counter()
+    except KeyboardInterrupt:
+        # Keep the state of the last step boundary so that --resume continues exactly. An interrupt
+        # inside an optimizer step leaves the parameters half-updated: then the last periodic
+        # checkpoint stays as it is.
+        if checkpoint is not None and not in_step:
+            st.evaluations, n_rows, st.calm, st.prev_loss, st.seconds = boundary
+            del st.history[n_rows:]
+            save_checkpoint(checkpoint, run.model, run.opt, st, cfg)
+        raise
+    finally:
+        bar.close()
+
+
+def _boundary(st: _State) -> tuple[int, int, int, float | None, float]:
+    return st.evaluations, len(st.history), st.calm, st.prev_loss, st.seconds
+
+
+def _timed(st: _State, fn: Callable[[], Any]) -> Any:
+    t0 = time.perf_counter()
+    try:
+        return fn()
+    finally:
+        st.seconds += time.perf_counter() - t0
+
+
+def _stalled(st: _State, point: _Point) -> bool:
+    return st.prev_loss is not None and point.loss >= st.prev_loss
+
+
+def _evaluate(run: _Run) -> _Point:
+    """The loss, its parts, ``||∇L||`` and ``||θ||``; leaves the gradient in ``p.grad`` (for ``gd``)."""
+    for p in run.params:
+        p.grad = None
+    total, fit, reg = run.model.loss()
+    total.backward()
+    run.st.evaluations += 1
+    with torch.no_grad():
+        gn = torch.sqrt(sum(p.grad.pow(2).sum() for p in run.params))
+        pn = torch.sqrt(sum(p.pow(2).sum() for p in run.params))
+    return _Point(float(total.detach()), float(fit.detach()), float(reg.detach()), float(gn), float(pn))
+
+
+def _check(run: _Run, point: _Point) -> str:
+    """The stop reason at ``point`` ("" to go on); updates the stall counter."""
+    st, f64 = run.st, torch.float64
+    loss = torch.tensor(point.loss, dtype=f64)
+    prev = torch.tensor(math.nan if st.prev_loss is None else st.prev_loss, dtype=f64)
+    st.calm = int(calm_count(torch.tensor(st.calm), loss, prev, run.cfg.tol_rel))
+    code = stop_codes(
+        run.cfg,
+        loss=loss,
+        grad_norm=torch.tensor(point.grad_norm, dtype=f64),
+        param_norm=torch.tensor(point.param_norm, dtype=f64),
+        calm=torch.tensor(st.calm),
+        step=st.step,
+        max_steps=run.cfg.max_steps,
+        seconds=st.seconds,
+        lower_bound=run.lower_bound,
+    )
+    return STOP_REASONS[int(code) - 1] if int(code) else ""
+
+
+def _gap(run: _Run, loss: float) -> float | None:
+    if run.dnc_loss is None or run.dnc_loss <= 0:
+        return None
+    return float(relative_gap(loss, run.dnc_loss))
+
+
+def _rel_grad(point: _Point) -> float:
+    f64 = torch.float64
+    return float(
+        relative_grad_norm(
+            torch.tensor(point.grad_norm, dtype=f64),
+            torch.tensor(point.param_norm, dtype=f64),
+            torch.tensor(point.loss, dtype=f64),
+        )
+    )
+
+
+def _record(run: _Run, point: _Point, *, with_metrics: bool) -> None:
+    """Append (or, on a resumed step, replace) a history row and pass it to the callback."""
+    st = run.st
+    row: dict[str, Any] = {
+        "step": st.step,
+        "evaluations": st.evaluations,
+        "seconds": round(st.seconds, 6),
+        "loss": point.loss,
+        "fit": point.fit,
+        "reg": point.reg,
+        "grad_norm": point.grad_norm,
+        "rel_grad_norm": _rel_grad(point),
+    }
+    gap = _gap(run, point.loss)
+    if gap is not None:
+        row["gap"] = gap
+    if with_metrics and run.cfg.metrics and math.isfinite(point.loss):
+        m = run.model
+        row.update(flat_metrics(layer_metrics(m.h1, list(m.weights), m.labels, m.config.num_classes)))
+    if st.history and st.history[-1]["step"] == st.step:
+        st.history[-1] = row  # a resumed run re-evaluates the step it was saved at
+    else:
+        st.history.append(row)
+    if run.callback is not None:
+        run.callback(row)
+
+
+def _result(run: _Run, point: _Point, reason: str) -> SolveResult:
+    m, st = run.model, run.st
+    finite = math.isfinite(point.loss)
+    layers = layer_metrics(m.h1, list(m.weights), m.labels, m.config.num_classes) if finite else []
+    return SolveResult(
+        model=m,
+        history=st.history,
+        steps=st.step,
+        evaluations=st.evaluations,
+        seconds=st.seconds,
+        stop_reason=reason,
+        loss=point.loss,
+        fit=point.fit,
+        reg=point.reg,
+        grad_norm=point.grad_norm,
+        rel_grad_norm=_rel_grad(point),
+        gap=_gap(run, point.loss),
+        layers=layers,
+    )
+
+
 def _make_optimizer(params: list[torch.Tensor], cfg: SolverConfig) -> torch.optim.Optimizer | None:
     if cfg.optimizer == "gd":
         return None
@@ -156,209 +420,23 @@ def _make_optimizer(params: list[torch.Tensor], cfg: SolverConfig) -> torch.opti
     )
 
 
-@dataclass
-class _State:
-    step: int = 0
-    evaluations: int = 0
-    seconds: float = 0.0
-    calm: int = 0  # consecutive steps with a tiny relative change
-    prev_loss: float | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def solve(
-    model: DUFM,
-    config: SolverConfig | None = None,
-    *,
-    dnc_loss: float | None = None,
-    progress: bool = False,
-    callback: Callable[[dict[str, Any]], None] | None = None,
-    checkpoint: str | Path | None = None,
-    checkpoint_every: float = 30.0,
-    resume_state: dict[str, Any] | None = None,
-) -> SolveResult:
-    """Minimize the DUFM objective of ``model`` in place.
-
-    Parameters
-    ----------
-    model : the DUFM; its parameters are updated in place.
-    config : solver settings (default :class:`SolverConfig`).
-    dnc_loss : the theory's optimum; when given, history rows carry the relative ``gap``.
-    progress : show a progress bar (rich).
-    callback : called with each history row as it is recorded.
-    checkpoint : path of a checkpoint written every ``checkpoint_every`` seconds and at the end.
-    resume_state : a dict from :func:`load_checkpoint` to continue from.
-
-    Small CPU problems (under ``SMALL_PROBLEM`` parameters) run with one intra-op thread, restored after.
-
-    Raises
-    ------
-    DivergenceError : the loss became NaN or inf; ``err.result`` holds the run so far.
-    """
-    cfg = config or SolverConfig()
-    params = [model.h1, *model.weights]
-    small = model.h1.device.type == "cpu" and sum(p.numel() for p in params) < SMALL_PROBLEM
-    threads = torch.get_num_threads()
-    if small:  # intra-op threads only add overhead (and contention) on matrices this small
-        torch.set_num_threads(1)
-    try:
-        return _solve(model, cfg, params, dnc_loss, progress, callback, checkpoint, checkpoint_every, resume_state)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _solve(
-    model: DUFM,
-    cfg: SolverConfig,
-    params: list[torch.Tensor],
-    dnc_loss: float | None,
-    progress: bool,
-    callback: Callable[[dict[str, Any]], None] | None,
-    checkpoint: str | Path | None,
-    checkpoint_every: float,
-    resume_state: dict[str, Any] | None,
-) -> SolveResult:
-    opt = _make_optimizer(params, cfg)
-    st = _State()
-    if resume_state is not None:
-        _restore(model, opt, st, resume_state)
-    marks = log_steps(cfg.max_steps, cfg.history_points)
-    labels, K = model.labels, model.config.num_classes
-
-    def closure() -> torch.Tensor:
-        for p in params:
-            p.grad = None
-        total = model.loss()[0] * cfg.lbfgs_scale
-        total.backward()
-        st.evaluations += 1
-        return total
-
-    def grads() -> tuple[float, float, float, float]:
-        for p in params:
-            p.grad = None
-        total, fit, reg = model.loss()
-        total.backward()
-        st.evaluations += 1
-        total, fit, reg = total.detach(), fit.detach(), reg.detach()
-        gn = math.sqrt(sum(float(p.grad.detach().pow(2).sum()) for p in params))
-        return float(total), float(fit), float(reg), gn
-
-    def record(loss: float, fit: float, reg: float, gn: float, with_metrics: bool) -> dict[str, Any]:
-        row: dict[str, Any] = {
-            "step": st.step,
-            "evaluations": st.evaluations,
-            "seconds": round(st.seconds, 6),
-            "loss": loss,
-            "fit": fit,
-            "reg": reg,
-            "grad_norm": gn,
-        }
-        if dnc_loss is not None and dnc_loss > 0:
-            row["gap"] = (loss - dnc_loss) / dnc_loss
-        if with_metrics and cfg.metrics and math.isfinite(loss):
-            row.update(flat_metrics(layer_metrics(model.h1, list(model.weights), labels, K)))
-        if st.history and st.history[-1]["step"] == st.step:
-            st.history[-1] = row  # a resumed run re-evaluates the step it was saved at
-        else:
-            st.history.append(row)
-        if callback is not None:
-            callback(row)
-        return row
-
-    bar = _Progress(cfg.max_steps, enabled=progress, start=st.step)
-    last_ckpt = time.perf_counter()
-    stop_reason = "max_steps"
-    loss = fit = reg = gn = float("nan")
-    in_step = False
-    boundary = (st.evaluations, len(st.history), st.calm, st.prev_loss, st.seconds)
-    try:
-        while True:
-            t0 = time.perf_counter()
-            loss, fit, reg, gn = grads()
-            st.seconds += time.perf_counter() - t0
-            if not math.isfinite(loss) or not math.isfinite(gn):
-                stop_reason = "diverged"
-                record(loss, fit, reg, gn, False)
-                break
-            rel = abs(loss - st.prev_loss) / max(abs(loss), 1e-300) if st.prev_loss is not None else math.inf
-            st.calm = st.calm + 1 if rel <= cfg.tol_rel else 0
-            if isinstance(opt, torch.optim.LBFGS) and st.prev_loss is not None and loss >= st.prev_loss:
-                opt = _make_optimizer(params, cfg)  # stalled at a kink: restart with a fresh memory
-            st.prev_loss = loss
-            if gn <= cfg.tol_grad:
-                stop_reason = "tol_grad"
-            elif st.calm >= cfg.patience:
-                stop_reason = "tol_rel"
-            elif cfg.target_loss is not None and loss <= cfg.target_loss:
-                stop_reason = "target_loss"
-            elif cfg.max_seconds is not None and st.seconds >= cfg.max_seconds:
-                stop_reason = "max_seconds"
-            elif st.step >= cfg.max_steps:
-                stop_reason = "max_steps"
-            else:
-                stop_reason = ""
-            if stop_reason or st.step in marks:
-                record(loss, fit, reg, gn, True)
-            if stop_reason:
-                break
-            t0 = time.perf_counter()
-            in_step = True
-            _step(params, opt, cfg, closure)
-            st.step += 1
-            in_step = False
-            st.seconds += time.perf_counter() - t0
-            boundary = (st.evaluations, len(st.history), st.calm, st.prev_loss, st.seconds)
-            bar.update(st.step, loss, row_gap=(loss - dnc_loss) / dnc_loss if dnc_loss else None)
-            if checkpoint is not None and time.perf_counter() - last_ckpt >= checkpoint_every:
-                save_checkpoint(checkpoint, model, opt, st, cfg)
-                last_ckpt = time.perf_counter()
-    except KeyboardInterrupt:
-        # Keep the state of the last step boundary so that --resume continues exactly. An interrupt
-        # inside an optimizer step leaves the parameters half-updated: then the last periodic
-        # checkpoint stays as it is.
-        if checkpoint is not None and not in_step:
-            st.evaluations, n_rows, st.calm, st.prev_loss, st.seconds = boundary
-            del st.history[n_rows:]
-            save_checkpoint(checkpoint, model, opt, st, cfg)
-        raise
-    finally:
-        bar.close()
-    if checkpoint is not None and stop_reason != "diverged":  # never overwrite a good state with NaNs
-        save_checkpoint(checkpoint, model, opt, st, cfg)
-    layers = layer_metrics(model.h1, list(model.weights), labels, K) if math.isfinite(loss) else []
-    result = SolveResult(
-        model=model,
-        history=st.history,
-        steps=st.step,
-        evaluations=st.evaluations,
-        seconds=st.seconds,
-        stop_reason=stop_reason,
-        loss=loss,
-        fit=fit,
-        reg=reg,
-        grad_norm=gn,
-        layers=layers,
-    )
-    if stop_reason == "diverged":
-        err = DivergenceError(
-            f"the loss became {loss} at step {st.step} ({cfg.optimizer}, lr={cfg.lr}); try a smaller --lr"
-        )
-        err.result = result  # type: ignore[attr-defined]
-        raise err
-    return result
-
-
-def _step(
-    params: list[torch.Tensor],
-    opt: torch.optim.Optimizer | None,
-    cfg: SolverConfig,
-    closure: Callable[[], torch.Tensor],
-) -> None:
-    if opt is None:  # plain gradient descent, the gradients are those of grads()
+def _step(run: _Run) -> None:
+    """One optimizer step; ``gd`` uses the gradient left by :func:`_evaluate`."""
+    opt, cfg, params = run.opt, run.cfg, run.params
+    if opt is None:
         with torch.no_grad():
             for p in params:
                 p.sub_(p.grad, alpha=cfg.lr)
     elif isinstance(opt, torch.optim.LBFGS):
+
+        def closure() -> torch.Tensor:
+            for p in params:
+                p.grad = None
+            total = run.model.loss()[0] * cfg.lbfgs_scale
+            total.backward()
+            run.st.evaluations += 1
+            return total
+
         opt.step(closure)
     else:
         opt.step()
@@ -385,14 +463,14 @@ class _Progress:
         self.task = self.progress.add_task("solve", total=total, completed=start, info="")
         self.progress.start()
 
-    def update(self, step: int, loss: float, *, row_gap: float | None) -> None:
+    def update(self, step: int, loss: float, *, gap: float | None) -> None:
         if not self.enabled:
             return
         now = time.perf_counter()
         if now - self.last < 0.1:
             return
         self.last = now
-        info = f"loss {loss:.8g}" + (f"  gap {row_gap:.2e}" if row_gap is not None else "")
+        info = f"loss {loss:.8g}" + (f"  gap {gap:.2e}" if gap is not None else "")
         self.progress.update(self.task, completed=step, info=info)
 
     def close(self) -> None:

@@ -3,7 +3,7 @@
 ``run_dufm`` is what ``deepcollapse dufm`` calls; it is also the Python entry point for a full run with
 files. Result files in ``out``: ``config.json`` (both configs, versions), ``history.csv`` (loss parts
 and per-layer metrics at log-spaced steps), ``summary.json``, ``checkpoint.pt`` (the solver state, for
-``resume``), ``loss.png``, ``metrics.png`` and, with the solution analysis, ``spectra.png``.
+``resume``), ``loss.png``, ``metrics.png`` and ``spectra.png``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from deepcollapse.dufm.model import DUFM, DUFMConfig
 from deepcollapse.dufm.solve import SolverConfig, SolveResult, load_checkpoint, solve
 from deepcollapse.files import prepare_out_dir, write_csv, write_json
 from deepcollapse.theory import closed_form as theory
+from deepcollapse.theory.analysis import analyze_solution, plot_spectra
 
 __all__ = ["RunOutput", "run_dufm", "summarize"]
 
@@ -44,11 +45,12 @@ def _theory_block(cfg: DUFMConfig) -> dict[str, Any] | None:
         lambda_w=cfg.lambdas_w,
     )
     block = sol.to_dict()
-    block["globally_optimal"] = cfg.num_classes == 2 or cfg.num_layers == 1
+    block["dnc_proven_optimal"] = cfg.num_classes == 2 or cfg.num_layers == 1
     block["note"] = (
-        "L_DNC is the global optimum (K = 2, or L = 1)"
-        if block["globally_optimal"]
-        else "L_DNC is the best DNC configuration; for K > 2 and L >= 3 lower-rank solutions can beat it"
+        "L_DNC is the global optimum of the DUFM (proven for K = 2 at any depth and for L = 1)"
+        if block["dnc_proven_optimal"]
+        else "L_DNC is the loss of the best DNC configuration; for K > 2 it is not proven optimal, and "
+        "lower-rank solutions can beat it (shown for some K = C(r, 2) with L >= 4)"
     )
     return block
 
@@ -69,38 +71,36 @@ def _layer_entries(layers: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
     return main, pre
 
 
-def summarize(model: DUFM, result: SolveResult, solver: SolverConfig, *, analysis: bool = True) -> dict[str, Any]:
-    """The ``summary.json`` content of a finished run."""
+def summarize(model: DUFM, result: SolveResult, solver: SolverConfig) -> dict[str, Any]:
+    """The ``summary.json`` content of a finished run.
+
+    ``analysis`` is the one record of what the run reached (:func:`deepcollapse.theory.analysis.analyze_solution`:
+    gap, per-layer checks, ranks, verdict); ``certificate`` is the solver's own stopping certificate.
+    """
     cfg = model.config
     th = _theory_block(cfg)
     main, pre = _layer_entries(result.layers)
-    summary: dict[str, Any] = {
+    return {
         "status": "finished",
         "final_loss": result.loss,
         "fit": result.fit,
         "reg": result.reg,
-        "grad_norm": result.grad_norm,
         "steps": result.steps,
         "evaluations": result.evaluations,
         "seconds": result.seconds,
         "stop_reason": result.stop_reason,
+        "certificate": {
+            "grad_norm": result.grad_norm,
+            "rel_grad_norm": result.rel_grad_norm,
+            "gap": result.gap,
+        },
         "optimizer": solver.optimizer,
         "theory": th,
-        "gap": None if th is None or th["dnc_loss"] == 0 else (result.loss - th["dnc_loss"]) / th["dnc_loss"],
+        "gap": result.gap,
         "layers": main,
         "pre_activation": pre,
+        "analysis": analyze_solution(model.h1, list(model.weights), cfg),
     }
-    narrow = any(d < cfg.num_classes for d in cfg.widths)
-    if th is not None and not narrow:
-        summary["check"] = theory.check(model.h1, list(model.weights), cfg)
-    if analysis:
-        try:
-            from deepcollapse.theory.analysis import analyze_solution
-        except ImportError:  # pragma: no cover - the analysis module is optional while it is developed
-            pass
-        else:
-            summary["analysis"] = analyze_solution(model.h1, list(model.weights), cfg)
-    return summary
 
 
 def _versions() -> dict[str, str]:
@@ -134,13 +134,13 @@ def run_dufm(
         layers = ", ".join(f"d_{i} = {d}" for i, d in narrow)
         raise DeepCollapseError(
             f"width below K = {K} ({layers}): DNC needs K orthogonal class means per layer, so the theory's "
-            "optimum is out of reach; pass --allow-narrow to train anyway (L_DNC is then a lower bound for K = 2)"
+            "optimum is out of reach; pass allow_narrow=True to train anyway (L_DNC is then a lower bound for K = 2)"
         )
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise DeepCollapseError(f"device {config.device}: CUDA is not available on this machine")
     ckpt_path = Path(out) / "checkpoint.pt"
     if resume and not ckpt_path.exists():
-        raise DeepCollapseError(f"--resume: no checkpoint at {ckpt_path}")
+        raise DeepCollapseError(f"nothing to resume: no checkpoint at {ckpt_path}")
     out = prepare_out_dir(out, overwrite=overwrite, resume=resume)
     resume_state = load_checkpoint(ckpt_path, config, solver) if resume else None
     if overwrite and not resume:
@@ -157,6 +157,7 @@ def run_dufm(
             model,
             solver,
             dnc_loss=dnc,
+            lower_bound=dnc if th and th["dnc_proven_optimal"] else None,
             progress=progress,
             checkpoint=ckpt_path,
             checkpoint_every=checkpoint_every,
@@ -179,11 +180,11 @@ def run_dufm(
 
 
 def draw_plots(out: Path, history: list[dict[str, Any]], summary: dict[str, Any], num_layers: int) -> None:
-    """``loss.png``, ``metrics.png`` (and ``spectra.png`` when the analysis is present) from result rows."""
+    """``loss.png``, ``metrics.png`` and ``spectra.png`` from result rows and the summary."""
     th = summary.get("theory")
     # GD starts at step 0; shift by one so that log axes keep the first point.
     rows = [{**r, "step": r["step"] + 1} for r in history]
-    srg = (summary.get("analysis") or {}).get("srg_loss")
+    srg = summary["analysis"]["srg_loss"]
     plots.plot_loss(
         rows,
         out / "loss.png",
@@ -199,9 +200,4 @@ def draw_plots(out: Path, history: list[dict[str, Any]], summary: dict[str, Any]
         x="step",
         title="per-layer DNC metrics (nc2: orthogonal frame, layers >= 2)",
     )
-    if "analysis" in summary:
-        try:
-            from deepcollapse.theory.analysis import plot_spectra
-        except ImportError:  # pragma: no cover
-            return
-        plot_spectra(summary["analysis"], out / "spectra.png")
+    plot_spectra(summary["analysis"], out / "spectra.png")

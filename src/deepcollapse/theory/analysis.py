@@ -1,17 +1,38 @@
-r"""What kind of solution did a DUFM reach? Ranks, spectra and losses against DNC and SRG.
+r"""What did a DUFM solution reach? One record: the gap to ``L_DNC``, per-layer checks, ranks, a verdict.
 
-For every layer the class means are taken from :func:`deepcollapse.metrics.class_stats` (uncentred, in
-float64): ``H_1``; the pre-activations ``\tilde H_l = W_{l-1} H_{l-1}`` and the post-ReLU ``H_l`` for
-``l = 2..L``; and the output ``W_L H_L``. Their singular values, normalized by the largest, give the
-spectra, and the numerical rank counts those above ``rank_rtol`` (:func:`deepcollapse.metrics.numerical_rank`).
+:func:`analyze_solution` is the one answer to that question, used by ``deepcollapse dufm`` (``summary.json``),
+the sweeps, the real-network head and the atlas. Its record (JSON-ready) holds:
 
-The verdict (``loss_rtol`` default 1e-3):
+- the loss parts, the gradient norm and the relative gradient norm ``||∇L||·||θ||/L`` at the point (a
+  stationarity certificate independent of the solver);
+- ``dnc_loss`` and the one gap convention ``gap = (loss - L_DNC)/L_DNC`` (``ratio_dnc = loss/L_DNC``);
+  ``srg_loss``/``ratio_srg`` for the low-rank construction where it applies (K = C(r, 2), L >= 2);
+- the per-layer comparison with the theory (:func:`deepcollapse.theory.check`): class-mean and weight norms,
+  NC1, and for l >= 2 the orthogonal-frame error of the post-ReLU class means;
+- ranks and normalized singular values of the class means of ``H_1``, of every pre-activation
+  ``\tilde H_l`` and post-ReLU ``H_l`` (l = 2..L), and of the output (:func:`deepcollapse.metrics.numerical_rank`);
+- ``verdict``, ``checks`` (which DNC conditions hold) and ``verdict_rule``.
 
-- ``"dnc"``: every class-mean matrix of layers 2..L (pre and post) and the output has rank K, and
-  ``|loss - L_DNC| <= loss_rtol · L_DNC`` (the DNC optimum of :mod:`deepcollapse.theory`);
-- ``"low-rank"``: the output separates the classes (rank K) but the class means before the last ReLU,
-  ``\tilde H_L``, have rank below K (the follow-up's low-rank solutions, docs/lowrank.md);
-- ``"other"``: anything else (a collapsed or zero output, a full-rank point away from ``L_DNC``, L = 1).
+The verdict rests only on what the theory fixes, so it does not depend on the free angle between the
+class means of ``H_1`` (nor, through it, on the layer-2 pre-activation):
+
+``"diverged"``
+    the loss or a parameter is NaN or infinite.
+``"dnc"``
+    (balanced classes, ``L_DNC`` with ``s > 0``) ``|gap| <= tol``; NC1 ``<= tol`` at every layer; the
+    post-ReLU class means of every layer l >= 2 form an orthogonal frame (``orth_frame <= √tol``); and
+    every class-mean norm, ``||W_l||_F`` and the output scale ``s`` are within a relative ``√tol`` of the
+    theory. Loss gaps and NC1 are quadratic in a parameter error near the optimum, distances linear: hence
+    ``tol`` for the first, ``√tol`` for the second.
+``"zero"``
+    the output and the penalty vanish: ``||W_L H_L||_F <= √tol ||Y||_F`` and ``reg <= tol/2`` (the DNC
+    family's optimum past its threshold, :func:`deepcollapse.theory.zero_threshold`).
+``"low-rank"``
+    the output separates the classes (rank K) but the class means before some ReLU of layer 3..L have rank
+    below K (the follow-up's low-rank solutions; for L = 2 the only pre-activation is the layer-2 one,
+    whose rank follows H1's free angle, so no L = 2 solution is called low-rank).
+``"other"``
+    anything else (an unfinished run, another stationary point, unbalanced classes that are not low-rank).
 """
 
 from __future__ import annotations
@@ -25,36 +46,22 @@ import torch
 from torch import Tensor
 
 from deepcollapse.dufm.model import DUFMConfig, forward, label_matrix, labels_from_counts, objective
+from deepcollapse.dufm.stopping import relative_grad_norm
 from deepcollapse.measure import metrics as M
-from deepcollapse.theory.closed_form import dnc_loss
+from deepcollapse.theory.closed_form import check
 from deepcollapse.theory.lowrank import srg_loss, srg_order
 
-__all__ = ["analyze_solution", "plot_spectra", "verdict"]
+__all__ = ["VERDICTS", "analyze_solution", "plot_spectra", "verdict"]
 
+#: Every verdict :func:`analyze_solution` can give.
+VERDICTS = ("dnc", "zero", "low-rank", "other", "diverged")
 
-def _means(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """Class means (K x d) of column features (d x N)."""
-    return M.class_stats(features.T, labels, num_classes, ncc=False).means
-
-
-def verdict(
-    *,
-    ranks_pre: Sequence[int],
-    ranks_post: Sequence[int],
-    rank_out: int,
-    num_classes: int,
-    ratio_dnc: float | None,
-    loss_rtol: float = 1e-3,
-) -> str:
-    """``"dnc"``, ``"low-rank"`` or ``"other"`` by the rule of the module docstring."""
-    K = num_classes
-    if not ranks_pre or rank_out < K:
-        return "other"
-    if min([*ranks_pre, *ranks_post[1:]]) == K:
-        if ratio_dnc is not None and abs(ratio_dnc - 1.0) <= loss_rtol:
-            return "dnc"
-        return "other"
-    return "low-rank" if ranks_pre[-1] < K else "other"
+VERDICT_RULE = (
+    "diverged: non-finite loss or parameters; dnc: |gap| <= tol, NC1 <= tol at every layer, orthogonal "
+    "post-ReLU frames (l >= 2), class-mean norms, weight norms and s within sqrt(tol) of the theory; zero: "
+    "||output|| <= sqrt(tol)||Y|| and reg <= tol/2; low-rank: output rank K but a pre-activation of layer "
+    "3..L of rank < K; other: the rest"
+)
 
 
 def analyze_solution(
@@ -62,81 +69,132 @@ def analyze_solution(
     weights: Sequence[Tensor],
     config: DUFMConfig,
     *,
+    tol: float = 1e-3,
     rank_rtol: float = 1e-3,
-    loss_rtol: float = 1e-3,
+    srg: bool = True,
 ) -> dict[str, Any]:
-    """Ranks, spectra, loss ratios and a verdict for the DUFM solution ``(h1, weights)`` (JSON-ready).
+    """The one record of what the DUFM solution ``(h1, weights)`` reached (module docstring), JSON-ready.
 
-    Keys: ``ranks_pre`` (rank of the class means of ``\\tilde H_l``, l = 2..L), ``ranks_post`` (of ``H_1``
-    and ``H_l``, l = 2..L), ``rank_out``, ``spectra`` (list of ``{layer, stage, singular_values}``,
-    normalized by the largest), ``nc1`` (per layer and stage), ``loss``/``fit``/``reg``, ``dnc_loss``,
-    ``ratio_dnc`` (``loss / L_DNC``), ``srg_loss``/``ratio_srg`` (``None`` unless K = C(r, 2), L >= 2 and
-    the widths fit), ``rank_rtol``, ``loss_rtol``, ``verdict`` and ``verdict_rule``.
+    Keys: everything of :func:`deepcollapse.theory.check` (``loss``, ``fit``, ``reg``, ``dnc_loss``,
+    ``gap``, ``s``, ``s_theory``, ``s_rel_err``, ``h1_cos``, ``layers``, ``zero_threshold``), plus
+    ``num_classes``, ``num_layers``, ``num_samples``, ``grad_norm``, ``rel_grad_norm``, ``output_norm``
+    (``||W_L H_L||_F``), ``ratio_dnc``, ``srg_loss``, ``ratio_srg``, ``dnc_proven_optimal``
+    (K = 2 or L = 1: ``L_DNC`` is the global minimum), ``ranks_pre`` (``\\tilde H_l``, l = 2..L),
+    ``ranks_post`` (``H_1``, ``H_l``), ``rank_out``, ``rank_pre_last``, ``spectra`` (``{layer, stage,
+    singular_values}``, normalized by the largest), ``tol``, ``rank_rtol``, ``checks`` (``gap``, ``nc1``,
+    ``orth_frame``, ``norms``: each true, false, or ``None`` without a theory), ``verdict`` (one of
+    :data:`VERDICTS`) and ``verdict_rule``. A point with a non-finite parameter gets only the keys that
+    exist there (``loss``, the sizes, ``tol``, ``rank_rtol``, ``verdict`` ``"diverged"``, ``verdict_rule``).
+    ``srg=False`` skips ``L_SRG`` (an optimization per setting, cached), leaving ``srg_loss`` ``None``.
     """
     K, L = config.num_classes, config.num_layers
-    labels = labels_from_counts(config.counts, device=h1.device)
     h = h1.detach().to(torch.float64)
     ws = [w.detach().to(device=h.device, dtype=torch.float64) for w in weights]
-    with torch.no_grad():
+    record: dict[str, Any] = {"num_classes": K, "num_layers": L, "num_samples": config.num_samples}
+    record.update(tol=tol, rank_rtol=rank_rtol, verdict_rule=VERDICT_RULE)
+    if not all(bool(torch.isfinite(p).all()) for p in (h, *ws)):
         y = label_matrix(config.counts, dtype=torch.float64, device=h.device)
-        total, fit, reg = objective(h, ws, y, config.lambda_h, config.lambdas_w)
+        with torch.no_grad():
+            record["loss"] = float(objective(h, ws, y, config.lambda_h, config.lambdas_w)[0])
+        return {**record, "verdict": "diverged"}
+    record.update(check(h, ws, config))
+    record.update(_gradient(h, ws, config))
+    record.update(_ranks(h, ws, config, rank_rtol))
+    record.update(_low_rank_reference(config, record["loss"]) if srg else {"srg_loss": None, "ratio_srg": None})
+    d_loss = record["dnc_loss"]
+    record["ratio_dnc"] = record["loss"] / d_loss if d_loss else None
+    record["dnc_proven_optimal"] = K == 2 or L == 1
+    record["checks"] = dnc_checks(record, tol=tol)
+    record["verdict"] = verdict(record, tol=tol)
+    return record
+
+
+def _gradient(h: Tensor, ws: list[Tensor], config: DUFMConfig) -> dict[str, float]:
+    """``||∇L||`` and ``||∇L||·||θ||/L`` at the point (float64 autograd)."""
+    params = [h.clone().requires_grad_(True), *[w.clone().requires_grad_(True) for w in ws]]
+    y = label_matrix(config.counts, dtype=torch.float64, device=h.device)
+    total, _, _ = objective(params[0], params[1:], y, config.lambda_h, config.lambdas_w)
+    grads = torch.autograd.grad(total, params)
+    gn = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+    pn = torch.sqrt(sum(p.detach().pow(2).sum() for p in params))
+    return {"grad_norm": float(gn), "rel_grad_norm": float(relative_grad_norm(gn, pn, total.detach()))}
+
+
+def _ranks(h: Tensor, ws: list[Tensor], config: DUFMConfig, rank_rtol: float) -> dict[str, Any]:
+    K, L = config.num_classes, config.num_layers
+    labels = labels_from_counts(config.counts, device=h.device)
+    with torch.no_grad():
         pre, post, out = forward(h, ws)
     stages = [(1, "free", h)]
     for i, (z, a) in enumerate(zip(pre, post, strict=True)):
         stages += [(i + 2, "pre", z), (i + 2, "post", a)]
     stages.append((L + 1, "output", out))
-    spectra, ranks, nc1 = [], {}, []
+    spectra, ranks = [], {}
     for layer, stage, feats in stages:
-        stats = M.class_stats(feats.T, labels, K, ncc=False)
-        sv = M.mean_spectrum(stats)
+        sv = M.mean_spectrum(M.class_stats(feats.T, labels, K, ncc=False))
         top = float(sv.max()) if sv.numel() else 0.0
-        ranks[(layer, stage)] = M.numerical_rank(sv, rtol=rank_rtol)
-        spectra.append(
-            {"layer": layer, "stage": stage, "singular_values": [float(v) / top if top > 0 else 0.0 for v in sv]}
-        )
-        nc1.append({"layer": layer, "stage": stage, "nc1": M.nc1(stats)})
+        finite = math.isfinite(top)
+        ranks[(layer, stage)] = M.numerical_rank(sv, rtol=rank_rtol) if finite else -1
+        normed = [float(v) / top if top > 0 and finite else 0.0 for v in sv]
+        spectra.append({"layer": layer, "stage": stage, "singular_values": normed})
     ranks_pre = [ranks[(l, "pre")] for l in range(2, L + 1)]
-    ranks_post = [ranks[(1, "free")]] + [ranks[(l, "post")] for l in range(2, L + 1)]
-    rank_out = ranks[(L + 1, "output")]
-    loss = float(total)
-    d_loss = s_loss = None
-    if config.balanced:
-        kw = {"num_layers": L, "n": config.n, "lambda_h": config.lambda_h, "lambda_w": config.lambdas_w}
-        d_loss = dnc_loss(num_classes=K, **kw)
-
-        r = srg_order(K)
-        if r is not None and L >= 2 and all(d >= r for d in config.widths[:-1]) and config.widths[-1] >= K:
-            s_loss = srg_loss(num_classes=K, **kw)
-    ratio_dnc = loss / d_loss if d_loss else None
-    ratio_srg = loss / s_loss if s_loss else None
     return {
         "ranks_pre": ranks_pre,
-        "ranks_post": ranks_post,
-        "rank_out": rank_out,
+        "ranks_post": [ranks[(1, "free")]] + [ranks[(l, "post")] for l in range(2, L + 1)],
+        "rank_out": ranks[(L + 1, "output")],
+        "rank_pre_last": ranks_pre[-1] if ranks_pre else None,
+        "output_norm": float(torch.linalg.matrix_norm(out)),
         "spectra": spectra,
-        "nc1": nc1,
-        "loss": loss,
-        "fit": float(fit),
-        "reg": float(reg),
-        "dnc_loss": d_loss,
-        "ratio_dnc": ratio_dnc,
-        "srg_loss": s_loss,
-        "ratio_srg": ratio_srg,
-        "rank_rtol": rank_rtol,
-        "loss_rtol": loss_rtol,
-        "verdict": verdict(
-            ranks_pre=ranks_pre,
-            ranks_post=ranks_post,
-            rank_out=rank_out,
-            num_classes=K,
-            ratio_dnc=ratio_dnc,
-            loss_rtol=loss_rtol,
-        ),
-        "verdict_rule": (
-            "dnc: all class-mean ranks of layers 2..L and the output equal K and |loss/L_DNC - 1| <= loss_rtol; "
-            "low-rank: output rank K but the class means before the last ReLU have rank < K; other: the rest"
-        ),
     }
+
+
+def _low_rank_reference(config: DUFMConfig, loss: float) -> dict[str, float | None]:
+    """``srg_loss`` and ``ratio_srg`` where the SRG construction applies (K = C(r, 2), L >= 2, widths fit)."""
+    r = srg_order(config.num_classes)
+    fits = r is not None and all(d >= r for d in config.widths[:-1]) and config.widths[-1] >= config.num_classes
+    if not config.balanced or config.num_layers < 2 or not fits:
+        return {"srg_loss": None, "ratio_srg": None}
+    kw = {"num_layers": config.num_layers, "n": config.n, "lambda_h": config.lambda_h, "lambda_w": config.lambdas_w}
+    value = srg_loss(num_classes=config.num_classes, **kw)
+    return {"srg_loss": value, "ratio_srg": loss / value if value else None}
+
+
+def dnc_checks(record: dict[str, Any], *, tol: float) -> dict[str, bool | None]:
+    """Which DNC conditions hold in ``record`` (module docstring); ``None`` where there is no theory
+    (unbalanced classes, or the theory's optimum is zero)."""
+    if record["dnc_loss"] is None or not record["s_theory"]:
+        return {"gap": None, "nc1": None, "orth_frame": None, "norms": None}
+    layers, dist = record["layers"], math.sqrt(tol)
+    frames = [e["orth_frame"] for e in layers[1:]]
+    norms = [record["s_rel_err"]] + [e[k] for e in layers for k in ("mean_norm_rel_err", "weight_norm_rel_err")]
+    return {
+        "gap": _le([abs(record["gap"])], tol),
+        "nc1": _le([e["nc1"] for e in layers], tol),
+        "orth_frame": _le(frames, dist),
+        "norms": _le(norms, dist),
+    }
+
+
+def _le(values: Sequence[float | None], bound: float) -> bool:
+    """All values are finite numbers ``<= bound`` (``None`` and NaN fail)."""
+    return all(v is not None and math.isfinite(v) and v <= bound for v in values)
+
+
+def verdict(record: dict[str, Any], *, tol: float = 1e-3) -> str:
+    """The verdict (one of :data:`VERDICTS`, rule in the module docstring) of a record of
+    :func:`analyze_solution`; the DNC checks are recomputed with ``tol``."""
+    if not _le([record["loss"], record.get("grad_norm"), record.get("output_norm")], math.inf):
+        return "diverged"
+    checks = dnc_checks(record, tol=tol)
+    if all(checks.values()):
+        return "dnc"
+    y_norm = math.sqrt(record["num_samples"])  # ||Y||_F of the one-hot labels
+    if record["output_norm"] <= math.sqrt(tol) * y_norm and record["reg"] <= tol / 2:
+        return "zero"
+    K = record["num_classes"]
+    if record["rank_out"] == K and min(record["ranks_pre"][1:], default=K) < K:
+        return "low-rank"
+    return "other"
 
 
 def plot_spectra(analysis: dict[str, Any], path: str | Path, *, title: str | None = None) -> Path:

@@ -10,15 +10,18 @@ frames, balanced scales) has loss
 
 where ``s`` is the output scale (output = ``s Y``). Stationarity reads ``(1-s) s^{(L-1)/(L+1)} = K C``.
 For L = 1, ``s = max(0, 1 - K C)``. For L >= 2 the penalty is concave in ``s``, so ``s = 0`` is always a
-local minimum; it becomes the global one when ``K C`` passes
+local minimum of ``f``; it becomes the minimum of ``f`` -- zero is then the best DNC configuration -- when
+``K C`` passes the DNC family's threshold
 
 .. math::
 
     (K C)^* = \frac1L \Bigl(\frac{L-1}{L}\Bigr)^{(L-1)/(L+1)}, \qquad s^* = \frac{L-1}L ,
 
 (solve ``f(s) = f(0)`` and ``f'(s) = 0`` together: since ``(L-1)/(L+1) + 2/(L+1) = 1`` the two give
-``(L-1)s = L s²``). For K = 2 this is the global optimum of the DUFM (the paper's theorem); for K > 2 it is
-the best DNC configuration, which lower-rank solutions can beat (the follow-up, see ``lowrank``).
+``(L-1)s = L s²``). ``L_DNC`` is the global optimum of the DUFM where that is proven: K = 2 at any depth
+(the paper's theorem) and L = 1 (the plain UFM). For K > 2 and L >= 2 it is the loss of the best DNC
+configuration, not a proven optimum: lower-rank solutions can beat it (the follow-up, see ``lowrank``),
+also past the threshold, where they can beat zero.
 
 At the optimum the L+1 factors are balanced (AM-GM):
 ``n λ_{H1} t² = λ_{W_1}(q_2/t)² = … = λ_{W_L}(s/q_L)² = C s^{2/(L+1)}``, with ``t`` the norm of an
@@ -38,6 +41,7 @@ from torch import Tensor
 
 from deepcollapse._validate import DeepCollapseError, check_nonneg, check_positive_int, per_layer
 from deepcollapse.dufm.model import DUFMConfig, forward, labels_from_counts, objective
+from deepcollapse.dufm.stopping import relative_gap
 from deepcollapse.measure import metrics as M
 
 __all__ = [
@@ -136,7 +140,7 @@ def dnc_loss(
     lambda_h: float,
     lambda_w: float | Sequence[float],
 ) -> float:
-    """``L_DNC``: the loss of the best DNC configuration (the global optimum for K = 2)."""
+    """``L_DNC``: the loss of the best DNC configuration (the DUFM's global optimum for K = 2 or L = 1)."""
     s = dnc_scale(num_classes=num_classes, num_layers=num_layers, n=n, lambda_h=lambda_h, lambda_w=lambda_w)
     c = dnc_constant(num_layers, n, lambda_h, lambda_w)
     return dnc_objective(s, num_classes=num_classes, num_layers=num_layers, c=c)
@@ -144,13 +148,16 @@ def dnc_loss(
 
 @dataclass(frozen=True)
 class ZeroThreshold:
-    """Where the zero solution becomes the global optimum of the DNC family.
+    """The DNC family's zero threshold: past it, all-zero parameters beat every DNC configuration.
 
     ``kc``: critical ``K C``; ``c``: critical ``C``; ``s``: the output scale of the non-zero optimum at the
     threshold (``(L-1)/L``; for L = 1 it shrinks continuously to 0); ``lambda_equal``: the critical common
     λ when ``λ_H1 = λ_W1 = … = λ_WL``; ``scale``: the factor by which all the given λ's can be multiplied
     before the threshold is reached (``inf`` if some λ is 0); ``zero_is_optimal``: whether the given λ's
-    are past it.
+    are past it, i.e. zero is the best DNC configuration; ``zero_is_global_optimum``: ``True`` past the
+    threshold where ``L_DNC`` is proven global (K = 2, or L = 1), ``False`` before it (a DNC configuration
+    beats zero), ``None`` past it for K > 2 and L >= 2, where it is not known (a low-rank solution can beat
+    zero there: K = 10, L = 4, n = 5 at 1.05 times the threshold λ).
     """
 
     kc: float
@@ -159,6 +166,7 @@ class ZeroThreshold:
     lambda_equal: float
     scale: float
     zero_is_optimal: bool
+    zero_is_global_optimum: bool | None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,7 +180,8 @@ def zero_threshold(
     lambda_h: float = 0.0,
     lambda_w: float | Sequence[float] = 0.0,
 ) -> ZeroThreshold:
-    """The critical regularization above which all-zero parameters are globally optimal.
+    """The DNC family's zero threshold (:class:`ZeroThreshold`): the critical regularization above which
+    all-zero parameters beat every DNC configuration (and are the global optimum for K = 2 or L = 1).
 
     ``(K C)^* = (1/L) ((L-1)/L)^{(L-1)/(L+1)}`` (1 for L = 1). ``C`` is homogeneous of degree one in the
     λ's, so multiplying every λ by ``scale = C^*/C`` reaches the threshold.
@@ -191,6 +200,7 @@ def zero_threshold(
         lambda_equal=c_star / n ** (1 / (L + 1)),
         scale=scale,
         zero_is_optimal=c >= c_star,
+        zero_is_global_optimum=(True if K == 2 or L == 1 else None) if c >= c_star else False,
     )
 
 
@@ -284,17 +294,26 @@ def _orthonormal(rows: int, cols: int, generator: torch.Generator | None) -> Ten
 def optimal_parameters(
     config: DUFMConfig,
     *,
-    h1: Literal["orthogonal", "antipodal"] = "orthogonal",
+    h1: Literal["orthogonal", "antipodal", "etf"] = "orthogonal",
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
-    """Explicit globally optimal (for K = 2) DNC parameters ``(H1, [W_1, …, W_L])``.
+    """Explicit DNC parameters ``(H1, [W_1, …, W_L])`` whose DUFM loss is ``L_DNC``.
 
-    Construction (orthonormal ``E``'s; ``e_c`` the standard basis, so ReLUs act as the identity):
-    ``H1 = t E_1 ⊗ 1_n^T`` (orthogonal class means of norm ``t``), ``W_1 = (q_2/t) [e_1..e_K] E_1^T``,
-    ``W_l = (q_{l+1}/q_l) P_K`` (``P_K`` keeps the first K coordinates), ``W_L = (s/q_L) [I_K 0]``.
-    ``h1="antipodal"`` (K = 2 only) uses means ``±t u`` with ``W_1 = (q_2/t)(e_1 - e_2) u^T``, a different
-    optimum with the same loss (docs/theory.md). A ``generator`` rotates H1 randomly.
-    Needs balanced classes and every width ``d_l >= K`` (``d_1 >= 1`` for antipodal).
+    They are a global optimum of the DUFM where that is proven (K = 2 at any depth, L = 1), and the best DNC
+    configuration otherwise. Construction (orthonormal ``E``'s; ``e_c`` the standard basis, so ReLUs act as
+    the identity from layer 2 on): ``W_l = (q_{l+1}/q_l) P_K`` (``P_K`` keeps the first K coordinates),
+    ``W_L = (s/q_L) [I_K 0]``, and the H1 class means of norm ``t`` in one of three geometries, all with the
+    same loss (the angle between H1's class means is not fixed by the theory):
+
+    - ``"orthogonal"``: ``H1 = t E_1 ⊗ 1_n^T``, ``W_1 = (q_2/t) [e_1..e_K] E_1^T``;
+    - ``"antipodal"`` (K = 2, L >= 2): means ``±t u``, ``W_1 = (q_2/t)(e_1 - e_2) u^T``;
+    - ``"etf"`` (L >= 2): a simplex ETF, means ``t √(K/(K-1)) E_1 P`` (``P = I - 11^T/K``) with
+      ``W_1 = (q_2/t) √(K/(K-1)) [e_1..e_K] P E_1^T``: the layer-2 pre-activations are
+      ``q_2 (K/(K-1)) P``, whose negative entries the ReLU removes; ``||W_1||_F = √K q_2/t`` as for the
+      orthogonal H1. For K = 2 it is the antipodal optimum.
+
+    A ``generator`` rotates H1 randomly. Needs balanced classes and every width ``d_l >= K`` (``d_1 >= 1``
+    for antipodal).
     """
     K, L = config.num_classes, config.num_layers
     if not config.balanced:
@@ -306,8 +325,12 @@ def optimal_parameters(
             f"the DNC optimum needs every width >= K = {K}; layer(s) {[i for i, _ in low]} have "
             f"width(s) {[d for _, d in low]}"
         )
+    if h1 not in ("orthogonal", "antipodal", "etf"):
+        raise DeepCollapseError(f"h1 must be 'orthogonal', 'antipodal' or 'etf', got {h1!r}")
     if h1 == "antipodal" and (K != 2 or L < 2):
         raise DeepCollapseError("h1='antipodal' is optimal for K = 2 and L >= 2 only")
+    if h1 == "etf" and L < 2:
+        raise DeepCollapseError("h1='etf' needs a ReLU after H1 (L >= 2)")
     sol = dnc_solution(num_classes=K, num_layers=L, n=config.n, lambda_h=config.lambda_h, lambda_w=config.lambdas_w)
     if sol.c == 0.0:
         raise DeepCollapseError("the optimal scales are not unique when some λ is 0; give every λ a positive value")
@@ -325,6 +348,11 @@ def optimal_parameters(
             first = torch.zeros(dims[1], d1, dtype=torch.float64)
             first[0] += u
             first[1] -= u
+        elif h1 == "etf":
+            e1 = _orthonormal(d1, K, generator)
+            p = torch.eye(K, dtype=torch.float64) - 1.0 / K
+            means = e1 @ p * (t * math.sqrt(K / (K - 1)))
+            first = torch.eye(dims[1], K, dtype=torch.float64) @ p @ e1.T * math.sqrt(K / (K - 1))
         else:
             e1 = _orthonormal(d1, K, generator)
             means = e1 * t
@@ -338,86 +366,79 @@ def optimal_parameters(
     return h.to(device=dev, dtype=dt), [w.to(device=dev, dtype=dt) for w in ws]
 
 
-def check(
-    h1: Tensor,
-    weights: Sequence[Tensor],
-    config: DUFMConfig,
-    *,
-    tol: float = 1e-4,
-) -> dict[str, Any]:
-    """Compare a DUFM solution with the theory.
+def check(h1: Tensor, weights: Sequence[Tensor], config: DUFMConfig) -> dict[str, Any]:
+    """Compare a DUFM solution, layer by layer, with the quantities the theory fixes (no verdict).
 
-    Returns a JSON-ready dict: ``loss``, ``dnc_loss``, ``gap`` (relative, ``(loss - L_DNC)/L_DNC``),
-    ``s`` (measured: mean diagonal of the output class means) vs ``s_theory``, ``h1_cos`` (pairwise cosines
-    of the H1 class means: for K = 2 any value in [-1, 0] is optimal), and per layer the measured class-mean
-    norm and ``||W_l||_F`` against the predicted ones, NC1, and for l >= 2 the orthogonal-frame error. The
-    verdict ``dnc`` is true when the gap, every NC1, every orthogonal-frame error and every relative norm
-    error are below ``tol`` (for the zero solution: the gap and the norms themselves).
+    This is the per-layer part of :func:`deepcollapse.theory.analysis.analyze_solution`, which adds ranks,
+    spectra and the one verdict. Returns a JSON-ready dict: ``loss``, ``fit``, ``reg``, ``dnc_loss``,
+    ``gap`` (``(loss - L_DNC)/L_DNC``, :func:`deepcollapse.dufm.stopping.relative_gap`), the output scale
+    ``s`` (mean diagonal of the output class means) against ``s_theory``, ``s_rel_err``, ``h1_cos`` (pairwise
+    cosines of the H1 class means: not fixed by the theory, any value of the free H1 angle is optimal),
+    ``zero_threshold``, and ``layers``: per layer ``l = 1..L`` the class-mean norms (``mean_norm``, their
+    average; ``mean_norm_rel_err``, the largest relative deviation of one class-mean norm from the theory's
+    ``t`` or ``q_l``), ``||W_l||_F`` against the theory (``weight_norm_rel_err``), ``nc1``, and for
+    ``l >= 2`` the orthogonal-frame error ``orth_frame`` (:func:`deepcollapse.metrics.nc2_orth`) of the
+    post-ReLU class means. For unbalanced classes the theory's entries are ``None``. A relative error
+    against a predicted 0 (the zero solution) is the measured value itself.
     """
-    if not config.balanced:
-        raise DeepCollapseError("the theory check needs balanced classes")
     K, L = config.num_classes, config.num_layers
     labels = labels_from_counts(config.counts, device=h1.device)
     y = torch.nn.functional.one_hot(labels, K).T.to(torch.float64)
     h1d = h1.detach().to(torch.float64)
-    wd = [w.detach().to(torch.float64) for w in weights]
+    wd = [w.detach().to(device=h1d.device, dtype=torch.float64) for w in weights]
     with torch.no_grad():
         total, fit, reg = objective(h1d, wd, y, config.lambda_h, config.lambdas_w)
         _, post, out = forward(h1d, wd)
-    sol = dnc_solution(num_classes=K, num_layers=L, n=config.n, lambda_h=config.lambda_h, lambda_w=config.lambdas_w)
+    sol = None
+    if config.balanced:
+        sol = dnc_solution(num_classes=K, num_layers=L, n=config.n, lambda_h=config.lambda_h, lambda_w=config.lambdas_w)
     loss = float(total)
-    gap = (loss - sol.dnc_loss) / sol.dnc_loss if sol.dnc_loss > 0 else loss
-    out_means = M.class_stats(out.T, labels, K, ncc=False).means  # K x K: row c = mean output of class c
-    h1_stats = M.class_stats(h1d.T, labels, K)
-    mu = h1_stats.means
-    unit = mu / mu.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    cos = unit @ unit.T
-    iu = torch.triu_indices(K, K, 1)
-
-    def rel(measured: float, predicted: float) -> float:
-        if predicted == 0 or math.isnan(predicted):
-            return abs(measured)
-        return abs(measured - predicted) / predicted
-
-    predicted_norms = [sol.t, *sol.q]
-    feats = [h1d, *post]
-    layers = []
-    for l in range(1, L + 1):
-        st = h1_stats if l == 1 else M.class_stats(feats[l - 1].T, labels, K)
-        norm = float(st.means.norm(dim=1).mean())
-        wnorm = float(torch.linalg.matrix_norm(wd[l - 1]))
-        entry: dict[str, Any] = {
-            "layer": l,
-            "mean_norm": norm,
-            "mean_norm_theory": predicted_norms[l - 1],
-            "mean_norm_rel_err": rel(norm, predicted_norms[l - 1]),
-            "weight_norm": wnorm,
-            "weight_norm_theory": sol.weight_norms[l - 1],
-            "weight_norm_rel_err": rel(wnorm, sol.weight_norms[l - 1]),
-            "nc1": M.nc1(st),
-            "orth_frame": None if l == 1 or norm == 0.0 else M.nc2_orth(st),
-        }
-        layers.append(entry)
-    s_meas = float(torch.diagonal(out_means).mean())
-    errs = [gap if sol.dnc_loss > 0 else 0.0]
-    for e in layers:
-        errs += [e["mean_norm_rel_err"], e["weight_norm_rel_err"]]
-        if sol.s > 0:  # the zero solution has no classes to collapse: only its norms are checked
-            errs.append(e["nc1"])
-            if e["orth_frame"] is not None:
-                errs.append(e["orth_frame"])
-    finite = all(math.isfinite(v) for v in errs)
+    stats = [M.class_stats(f.T, labels, K) for f in (h1d, *post)]
+    s_meas = float(torch.diagonal(M.class_stats(out.T, labels, K, ncc=False).means).mean())
     return {
         "loss": loss,
         "fit": float(fit),
         "reg": float(reg),
-        "dnc_loss": sol.dnc_loss,
-        "gap": gap,
+        "dnc_loss": None if sol is None else sol.dnc_loss,
+        "gap": None if sol is None else float(relative_gap(loss, sol.dnc_loss)),
         "s": s_meas,
-        "s_theory": sol.s,
-        "h1_cos": [float(v) for v in cos[iu[0], iu[1]]],
-        "layers": layers,
-        "zero_threshold": sol.zero_threshold.to_dict(),
-        "tol": tol,
-        "dnc": bool(finite and max(abs(v) for v in errs) < tol),
+        "s_theory": None if sol is None else sol.s,
+        "s_rel_err": None if sol is None else _rel_err(torch.tensor([s_meas], dtype=torch.float64), sol.s),
+        "h1_cos": _pairwise_cosines(stats[0].means),
+        "layers": [_layer_check(l, stats[l - 1], wd[l - 1], sol) for l in range(1, L + 1)],
+        "zero_threshold": None if sol is None else sol.zero_threshold.to_dict(),
+    }
+
+
+def _rel_err(measured: Tensor, predicted: float) -> float:
+    """``max |measured - predicted| / predicted`` (``max |measured|`` when ``predicted`` is 0 or nan)."""
+    if predicted == 0 or math.isnan(predicted):
+        return float(measured.abs().max())
+    return float(((measured - predicted).abs() / predicted).max())
+
+
+def _pairwise_cosines(means: Tensor) -> list[float]:
+    unit = means / means.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    iu = torch.triu_indices(len(means), len(means), 1)
+    return [float(v) for v in (unit @ unit.T)[iu[0], iu[1]]]
+
+
+def _layer_check(layer: int, stats: M.ClassStats, weight: Tensor, sol: DNCSolution | None) -> dict[str, Any]:
+    norms = stats.means.norm(dim=1)
+    mean_norm = float(norms.mean())
+    wnorm = float(torch.linalg.matrix_norm(weight))
+    q = None if sol is None else [sol.t, *sol.q][layer - 1]
+    w_theory = None if sol is None else sol.weight_norms[layer - 1]
+    return {
+        "layer": layer,
+        "mean_norm": mean_norm,
+        "mean_norm_theory": q,
+        "mean_norm_rel_err": None if q is None else _rel_err(norms, q),
+        "weight_norm": wnorm,
+        "weight_norm_theory": w_theory,
+        "weight_norm_rel_err": None
+        if w_theory is None
+        else _rel_err(torch.tensor([wnorm], dtype=torch.float64), w_theory),
+        "nc1": M.nc1(stats),
+        "orth_frame": None if layer == 1 or mean_norm == 0.0 else M.nc2_orth(stats),
     }
