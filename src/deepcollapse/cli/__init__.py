@@ -12,7 +12,7 @@ import sys
 import typer
 
 from deepcollapse._validate import DeepCollapseError
-from deepcollapse.cli import dufm, measure, reproduce, sweep, train
+from deepcollapse.cli import atlas, dufm, measure, reproduce, sweep, train
 
 app = typer.Typer(
     name="deepcollapse",
@@ -22,7 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (dufm, measure, train, sweep, reproduce):
+for _module in (dufm, measure, train, sweep, reproduce, atlas):
     _module.register(app)
 
 

@@ -24,6 +24,7 @@ all cores; ``backend="ray"`` sends batches to a Ray cluster (``pip install 'deep
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import itertools
 import json
@@ -31,6 +32,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -336,6 +338,31 @@ def _connect_ray(address: str | None) -> Any:
     return ray
 
 
+def repair_table(path: str | Path) -> bool:
+    """Drop a torn last line of a CSV table (a crash in the middle of a write), with a warning.
+
+    A line is torn when the file does not end with a newline, or when its last line has another number of
+    fields than the header. Returns whether something was dropped; the dropped row's configuration is then
+    missing from the table, so a resumed run computes it again.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    if not data:
+        return False
+    keep = data if data.endswith(b"\n") else data[: data.rfind(b"\n") + 1]
+    lines = keep.decode("utf-8").splitlines()
+    if len(lines) > 1 and len(next(csv.reader([lines[-1]]))) != len(next(csv.reader([lines[0]]))):
+        keep = keep[: keep.rstrip(b"\n").rfind(b"\n") + 1]
+    if keep == data:
+        return False
+    warnings.warn(f"{path}: dropped a torn last row ({len(data) - len(keep)} bytes); it runs again", stacklevel=2)
+    with open(path, "r+b") as f:
+        f.truncate(len(keep))
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
 def _table_check(out: Path, digest: str, resume: bool) -> set[str]:
     meta_path, table = out / META, out / RESULTS
     if not resume:
@@ -350,6 +377,7 @@ def _table_check(out: Path, digest: str, resume: bool) -> set[str]:
             f"{table} was written by a different spec (hash {meta.get('spec_hash')} != {digest});"
             " use another --out or --overwrite"
         )
+    repair_table(table)
     return {str(r["key"]) for r in read_csv(table)}
 
 
