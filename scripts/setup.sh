@@ -32,3 +32,15 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; 
         echo "note: cannot install dataset-fashion-mnist (not root); Fashion-MNIST tests will skip" >&2
     fi
 fi
+
+# Headless Chromium and its WebDriver from Debian, for the test that opens report.html in a browser.
+if ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; } && command -v apt-get >/dev/null; then
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then SUDO="sudo -n"; fi
+    if $SUDO true 2>/dev/null; then
+        $SUDO apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+    else
+        echo "note: cannot install chromium (not root); the report browser test will skip" >&2
+    fi
+fi
