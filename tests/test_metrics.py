@@ -380,3 +380,12 @@ def test_shape_errors_are_named() -> None:
         M.nc3_duality(torch.randn(3, 7), stats)
     with pytest.raises(DeepCollapseError, match="predictions has 3 entries"):
         M.nc4_from_predictions(torch.zeros(3, dtype=torch.long), h, stats)
+
+
+def test_the_centring_direction_is_never_inverted() -> None:
+    """rank(M̄) <= K - 1: even with a cutoff far below float64 rounding, the K-th direction (the centring
+    one, zero up to rounding) stays out of Σ_B⁺."""
+    h, y = low_rank(9, k=5, d=8, r=4, offset=3.0)
+    stats = M.class_stats(h, y, 5, cov="full")
+    assert M.mean_spectrum(stats, center=True)[-1] > 0  # rounding left something to invert
+    assert M.nc1(stats, rtol=1e-300) == pytest.approx(ref_of(h, y)["nc1"], rel=1e-9)
