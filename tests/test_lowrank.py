@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from deepcollapse._validate import DeepCollapseError
-from deepcollapse.dufm.model import DUFMConfig, forward, label_matrix, objective
-from deepcollapse.theory.closed_form import dnc_constant, dnc_loss
+from deepcollapse.dufm.model import DUFMConfig, forward
+from deepcollapse.theory.closed_form import dnc_constant, zero_threshold
 from deepcollapse.theory.lowrank import (
     incidence_matrix,
     reference_kappa,
     reference_theta,
-    srg_dufm_loss,
     srg_loss,
     srg_means_objective,
     srg_order,
     srg_parameters,
     srg_solution,
 )
+from dufm_reference import np_dnc_loss, np_dufm_loss
 
 LAM, N = 0.004, 5
 
@@ -64,32 +62,56 @@ def test_reference_relu_keeps_the_diagonal():
 
 
 @pytest.mark.parametrize(("k", "L", "width"), [(10, 4, 30), (10, 3, [5, 10, 12]), (6, 5, 8)])
-def test_dufm_objective_equals_reported_srg_loss(k, L, width):
+def test_reported_srg_loss_is_the_loss_of_explicit_parameters(k, L, width):
+    """The reported L_SRG is the DUFM loss, recomputed by a numpy forward pass, at explicit parameters."""
     cfg = DUFMConfig(num_classes=k, n_per_class=N, num_layers=L, width=width, lambda_h=LAM, lambda_w=LAM)
     reported = srg_loss(num_classes=k, num_layers=L, n=N, lambda_h=LAM, lambda_w=LAM)
     h1, ws = srg_parameters(cfg)
-    total, _, _ = objective(h1, ws, label_matrix(cfg.counts), cfg.lambda_h, cfg.lambdas_w)
-    assert abs(float(total) - reported) <= 1e-10
-    assert srg_dufm_loss(cfg) == pytest.approx(reported, abs=1e-12)
+    assert np_dufm_loss(h1.numpy(), [w.numpy() for w in ws], cfg.counts, LAM, LAM) == pytest.approx(reported, rel=1e-12)
 
 
-@pytest.mark.parametrize(("r", "L"), [(4, 4), (5, 4), (6, 4), (5, 5), (5, 3)])
+# (r, L) -> L_SRG / L_DNC at n = 5, λ = 0.004, as the optimizer reached it (2026-11-28). A search that
+# loses one of its starting points lands higher (e.g. 0.84 instead of 0.78 at r = 6, L = 4).
+SRG_RATIOS = {(4, 4): 0.94428, (5, 4): 0.81542, (6, 4): 0.78121, (5, 5): 0.75231, (5, 3): 0.91912}
+
+
+@pytest.mark.parametrize(("r", "L"), sorted(SRG_RATIOS))
 def test_srg_beats_dnc(r, L):
     sol = srg_solution(r=r, num_layers=L, n=N, lambda_h=LAM, lambda_w=LAM)
-    d = dnc_loss(num_classes=sol.num_classes, num_layers=L, n=N, lambda_h=LAM, lambda_w=LAM)
-    assert sol.dnc_loss == d
+    d = np_dnc_loss(sol.num_classes, L, N, LAM)
+    assert sol.dnc_loss == pytest.approx(d, rel=1e-9)
     assert sol.loss <= sol.reference_loss + 1e-12
-    assert sol.loss < d
+    assert sol.loss / d <= SRG_RATIOS[(r, L)] + 1e-5  # never worse than the recorded optimum
+    assert sol.loss / d >= SRG_RATIOS[(r, L)] - 2e-3  # a much lower value is news: re-record it
     assert (sol.rank_pre, sol.rank_post) == (r, sol.num_classes)
     if L >= 4:  # the closed-form reference point alone already beats DNC
         assert sol.reference_loss < d
 
 
-def test_k10_l4_setting():
-    """The follow-up's setting: K = 10 (r = 5), L = 4, λ = 0.004, n = 5."""
-    sol = srg_solution(r=5, num_layers=4, n=5, lambda_h=LAM, lambda_w=LAM)
-    assert sol.ratio < 0.9
-    assert math.isclose(sol.ratio, sol.loss / sol.dnc_loss)
+def _past_threshold(r, L, lam):
+    """L_SRG at λ where the balanced reference point has s = 0, checked on explicit parameters."""
+    sol = srg_solution(r=r, num_layers=L, n=N, lambda_h=lam, lambda_w=lam)
+    k = r * (r - 1) // 2
+    cfg = DUFMConfig(num_classes=k, n_per_class=N, num_layers=L, width=k, lambda_h=lam, lambda_w=lam)
+    h1, ws = srg_parameters(cfg, sol.theta)
+    assert np_dufm_loss(h1.numpy(), [w.numpy() for w in ws], cfg.counts, lam, lam) == pytest.approx(sol.loss, rel=1e-10)
+    return sol
+
+
+def test_srg_past_the_reference_threshold():
+    """r = 5, L = 3, λ = 0.02: the reference point is zero (loss 0.5), the family reaches 0.4875."""
+    sol = _past_threshold(5, 3, 0.02)
+    assert sol.reference_loss == 0.5
+    assert sol.loss == pytest.approx(0.48747, abs=2e-5)
+    assert sol.s > 0.5 and sol.rank_pre == 5
+
+
+def test_srg_past_the_dnc_threshold():
+    """K = 10, L = 4 at 1.05 x the DNC family's zero threshold: zero (0.5) is not the DUFM optimum."""
+    lam = 1.05 * zero_threshold(num_classes=10, num_layers=4, n=N, lambda_h=1.0, lambda_w=1.0).lambda_equal
+    assert np_dnc_loss(10, 4, N, lam) == pytest.approx(0.5, abs=1e-12)  # DNC's best is the zero solution
+    sol = _past_threshold(5, 4, lam)
+    assert sol.loss == pytest.approx(0.42448, abs=2e-5)
 
 
 def test_srg_parameters_errors():

@@ -52,8 +52,9 @@ import torch
 from torch import Tensor
 
 from deepcollapse._validate import DeepCollapseError, check_nonneg, check_positive_int, per_layer
-from deepcollapse.dufm.model import DUFMConfig, label_matrix, labels_from_counts, objective
-from deepcollapse.theory.closed_form import dnc_loss, dnc_objective, optimal_scale
+from deepcollapse.dufm.model import DUFMConfig, forward, label_matrix, labels_from_counts, objective
+from deepcollapse.dufm.multistart import LBFGSOptions, lbfgs
+from deepcollapse.theory.closed_form import dnc_loss, dnc_objective, optimal_scale, zero_threshold
 
 __all__ = [
     "SRGSolution",
@@ -131,92 +132,96 @@ def _means_chain(theta: Tensor, r: int, num_layers: int) -> tuple[Tensor, list[T
     return m1, ws
 
 
+def _eye(k: int) -> Tensor:
+    return torch.eye(k, dtype=F64)
+
+
 def srg_means_objective(
     theta: Tensor, *, r: int, num_layers: int, n: int, lambda_h: float, lambda_w: float | Sequence[float]
 ) -> Tensor:
-    r"""The DUFM loss of the SRG solution with scales ``θ``, computed on class means (differentiable).
+    r"""The DUFM loss of the SRG solution with scales ``θ`` (..., 2L+3), computed on class means (differentiable).
 
-    With every sample equal to its class mean, ``\mathcal L = \frac1{2K}\|W_L σ(…σ(W_1 M_1)) - I_K\|_F^2
-    + \frac{n λ_{H_1}}2 \|M_1\|_F^2 + Σ_l \frac{λ_{W_l}}2 \|W_l\|_F^2``.
+    With every sample equal to its class mean the DUFM :func:`~deepcollapse.dufm.model.objective` equals the
+    objective on the means ``M_1`` with ``Y = I_K`` and ``λ_{H_1} -> n λ_{H_1}``:
+    ``\mathcal L = \frac1{2K}\|W_L σ(…σ(W_1 M_1)) - I_K\|_F^2 + \frac{n λ_{H_1}}2 \|M_1\|_F^2
+    + Σ_l \frac{λ_{W_l}}2 \|W_l\|_F^2``.
     """
     lw = _check_setting(r, num_layers, lambda_h, lambda_w)
     m1, ws = _means_chain(theta, r, num_layers)
-    h = m1
-    for w in ws[:-1]:
-        h = torch.relu(w @ h)
-    k = m1.shape[-1]
-    fit = (ws[-1] @ h - torch.eye(k, dtype=F64)).pow(2).sum((-2, -1)) / (2 * k)
-    reg = 0.5 * n * lambda_h * m1.pow(2).sum((-2, -1))
-    for lam, w in zip(lw, ws, strict=True):
-        reg = reg + 0.5 * lam * w.pow(2).sum((-2, -1))
-    return fit + reg
+    total, _, _ = objective(m1, ws, _eye(m1.shape[-1]), n * lambda_h, lw)
+    return total
 
 
 def _ridge_last(h: Tensor, lam: float) -> Tensor:
     """The optimal last layer on class means ``H`` (K x K): ``W_L = H^T (H H^T + K λ_{W_L} I)^{-1}``."""
     k = h.shape[-1]
-    eye = torch.eye(k, dtype=F64)
-    return torch.linalg.solve(h @ h.mT + k * lam * eye, h).mT  # the Gram is symmetric
+    return torch.linalg.solve(h @ h.mT + k * lam * _eye(k), h).mT  # the Gram is symmetric
+
+
+def _reduced_chain(phi: Tensor, r: int, num_layers: int, lam_last: float) -> tuple[Tensor, list[Tensor]]:
+    """``(M_1, [W_1..W_L])`` for ``φ`` (``θ`` without its last 3 entries), ``W_L`` the ridge optimum."""
+    zeros = torch.zeros((*phi.shape[:-1], 3), dtype=F64)
+    m1, ws = _means_chain(torch.cat([phi.to(F64), zeros], -1), r, num_layers)
+    _, post, _ = forward(m1, ws)
+    return m1, [*ws[:-1], _ridge_last(post[-1], lam_last)]
 
 
 def _reduced_objective(phi: Tensor, *, r: int, num_layers: int, n: int, lambda_h: float, lw: list[float]) -> Tensor:
-    """The SRG loss with ``W_L`` replaced by its ridge optimum; ``φ`` is ``θ`` without its last 3 entries."""
-    zeros = torch.zeros((*phi.shape[:-1], 3), dtype=F64)
-    m1, ws = _means_chain(torch.cat([phi, zeros], -1), r, num_layers)
-    h = m1
-    for w in ws[:-1]:
-        h = torch.relu(w @ h)
-    k = m1.shape[-1]
-    w_last = _ridge_last(h, lw[-1])
-    fit = (w_last @ h - torch.eye(k, dtype=F64)).pow(2).sum((-2, -1)) / (2 * k)
-    reg = 0.5 * n * lambda_h * m1.pow(2).sum((-2, -1)) + 0.5 * lw[-1] * w_last.pow(2).sum((-2, -1))
-    for lam, w in zip(lw[:-1], ws[:-1], strict=True):
-        reg = reg + 0.5 * lam * w.pow(2).sum((-2, -1))
-    return fit + reg
+    """The SRG loss with ``W_L`` replaced by its ridge optimum (the DUFM objective on the means)."""
+    m1, ws = _reduced_chain(phi, r, num_layers, lw[-1])
+    total, _, _ = objective(m1, ws, _eye(m1.shape[-1]), n * lambda_h, lw)
+    return total
 
 
 def _complete_theta(phi: Tensor, *, r: int, num_layers: int, lam_last: float) -> Tensor:
     """``θ`` from ``φ``: the ridge ``W_L`` written as ``x_0 I + x_1 A_1 + x_2 A_0`` (it lies in that algebra)."""
-    zeros = torch.zeros(3, dtype=F64)
-    m1, ws = _means_chain(torch.cat([phi, zeros]), r, num_layers)
-    h = m1
-    for w in ws[:-1]:
-        h = torch.relu(w @ h)
-    w_last = _ridge_last(h, lam_last)
+    _, ws = _reduced_chain(phi, r, num_layers, lam_last)
+    w_last = ws[-1]
     _, a1, a0 = _association(r)
     x = [w_last[0, 0], (w_last * a1).sum() / a1.sum(), (w_last * a0).sum() / a0.sum().clamp_min(1.0)]
-    return torch.cat([phi, torch.stack(x)])
+    return torch.cat([phi.to(F64), torch.stack(x)])
 
 
 def reference_kappa(*, r: int, num_layers: int, n: int, lambda_h: float, lambda_w: float | Sequence[float]) -> float:
     r"""``κ`` of the reference point (module docstring): the geometric mean of the L+1 coefficients
     ``2Knλ_{H1}, rλ_{W_1}, …, rλ_{W_{L-2}}, (Kr/4)λ_{W_{L-1}}, Kλ_{W_L}``."""
     lw = _check_setting(r, num_layers, lambda_h, lambda_w)
-    k = r * (r - 1) // 2
-    coef = [2 * k * n * lambda_h] + [r * v for v in lw[:-2]] + [k * r / 4 * lw[-2], k * lw[-1]]
+    coef = _coefficients(r, lw, n, lambda_h)
     if min(coef) == 0:
         return 0.0
     return math.exp(sum(math.log(c) for c in coef) / (num_layers + 1))
 
 
+def _coefficients(r: int, lw: list[float], n: int, lambda_h: float) -> list[float]:
+    """The L+1 penalty coefficients ``2Knλ_{H1}, rλ_{W_1}, …, rλ_{W_{L-2}}, (Kr/4)λ_{W_{L-1}}, Kλ_{W_L}``."""
+    k = r * (r - 1) // 2
+    return [2 * k * n * lambda_h] + [r * v for v in lw[:-2]] + [k * r / 4 * lw[-2], k * lw[-1]]
+
+
 def reference_theta(
-    *, r: int, num_layers: int, n: int, lambda_h: float, lambda_w: float | Sequence[float]
+    *,
+    r: int,
+    num_layers: int,
+    n: int,
+    lambda_h: float,
+    lambda_w: float | Sequence[float],
+    scale: float | None = None,
 ) -> tuple[Tensor, float, float]:
     r"""The balanced reference point: ``(θ, s, L_ref)``.
 
     Each of the L+1 penalty terms ``c_i v_i^2`` equals ``T = κ s^{2/(L+1)}`` (AM-GM), so ``v_i = √(T/c_i)``
-    and the output is ``s I_K``. ``s`` minimizes ``½(1-s)² + (L+1)/2 · κ s^{2/(L+1)}``.
+    and the output is ``s I_K``. ``s`` minimizes ``½(1-s)² + (L+1)/2 · κ s^{2/(L+1)}``, or is ``scale`` when
+    given (a non-zero start past the threshold, where the minimizing ``s`` is 0); ``L_ref`` is the loss there.
     """
     lw = _check_setting(r, num_layers, lambda_h, lambda_w)
-    L, k = num_layers, r * (r - 1) // 2
+    L = num_layers
     kappa = reference_kappa(r=r, num_layers=L, n=n, lambda_h=lambda_h, lambda_w=lw)
     if kappa == 0:
         raise DeepCollapseError("the SRG construction needs every λ > 0")
-    s = optimal_scale(kappa, L)
+    s = optimal_scale(kappa, L) if scale is None else float(scale)
     loss = dnc_objective(s, num_classes=1, num_layers=L, c=kappa)
-    coef = [2 * k * n * lambda_h] + [r * v for v in lw[:-2]] + [k * r / 4 * lw[-2], k * lw[-1]]
     t = kappa * s ** (2 / (L + 1))
-    v = [math.sqrt(t / c) for c in coef]
+    v = [math.sqrt(t / c) for c in _coefficients(r, lw, n, lambda_h)]
     theta = [v[0], 0.0]
     for x in v[1:-2]:
         theta += [x, 0.0]
@@ -224,34 +229,11 @@ def reference_theta(
     return torch.tensor(theta, dtype=F64), s, loss
 
 
-def _lbfgs(theta: Tensor, fn: Any, *, max_iter: int = 200, rounds: int = 2) -> Tensor:
-    """L-BFGS on ``fn(θ).sum()``: the starts in a batch are independent, so the sum's minimizers are theirs."""
-    th = theta.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [th],
-        lr=1.0,
-        max_iter=max_iter,
-        tolerance_grad=1e-13,
-        tolerance_change=1e-16,
-        history_size=50,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        v = fn(th).sum()
-        v.backward()
-        return v
-
-    for _ in range(rounds):
-        opt.step(closure)
-    return th.detach()
-
-
-def _adam(theta: Tensor, fn: Any, *, steps: int = 500, lr: float = 0.02) -> Tensor:
-    """Adam on a batch of independent starts (Adam is elementwise, so each start follows its own path)."""
-    th = theta.clone().requires_grad_(True)
-    opt = torch.optim.Adam([th], lr=lr * float(theta.abs().mean()))
+def _adam(phi: Tensor, fn: Any, *, steps: int, lr: float) -> Tensor:
+    """Adam on a batch of independent starts (elementwise, so each start follows its own path); the step
+    is ``lr`` times the starts' mean absolute entry (never 0: every start is non-zero)."""
+    th = phi.clone().requires_grad_(True)
+    opt = torch.optim.Adam([th], lr=lr * float(phi.abs().mean()))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
         opt.zero_grad()
@@ -261,20 +243,49 @@ def _adam(theta: Tensor, fn: Any, *, steps: int = 500, lr: float = 0.02) -> Tens
     return th.detach()
 
 
-def _starts(theta0: Tensor, r: int, num_layers: int, restarts: int, seed: int) -> Tensor:
-    """Start points: the reference point, its variant whose last ReLU keeps the disjoint edges (the
-    Kneser graph, ``u -> -u, v -> u/2``), and ``restarts`` perturbed or random points."""
+def _kneser(theta: Tensor, num_layers: int) -> Tensor:
+    """The variant whose last ReLU keeps the disjoint edges (the Kneser graph): ``u -> -u, v -> u/2``."""
     j = 2 * num_layers - 2
-    kneser = theta0.clone()
-    kneser[j], kneser[j + 1] = -theta0[j], 0.5 * theta0[j]
+    out = theta.clone()
+    out[..., j], out[..., j + 1] = -theta[..., j], 0.5 * theta[..., j]
+    return out
+
+
+def _starts(theta0: Tensor, num_layers: int, restarts: int, seed: int) -> Tensor:
+    """Start points (all non-zero): the reference point, its Kneser variant, and ``restarts`` perturbed
+    (half of them) or random points at the reference point's scale."""
     gen = torch.Generator().manual_seed(seed)
-    rows = [theta0, kneser]
+    rows = [theta0, _kneser(theta0, num_layers)]
     scale = float(theta0.abs().mean())
     for i in range(restarts):
         noise = torch.randn(theta0.shape, generator=gen, dtype=F64)
-        base = rows[i % 2]
-        rows.append(base * (1 + 0.3 * noise) if i % 4 < 2 else scale * noise)
+        rows.append(rows[i % 2] * (1 + 0.3 * noise) if i % 4 < 2 else scale * noise)
     return torch.stack(rows)
+
+
+def _descend(phis: Tensor, reduced: Any, *, adam_steps: int, keep: int) -> tuple[Tensor, list[float]]:
+    """Adam on every start, then the batched L-BFGS of :mod:`deepcollapse.dufm.multistart` on the ``keep``
+    lowest: the polished points and their losses, best first."""
+    if adam_steps:
+        phis = _adam(phis, reduced, steps=adam_steps, lr=0.02)
+    with torch.no_grad():
+        losses = reduced(phis)
+    losses = torch.where(torch.isfinite(losses), losses, torch.inf)
+    best = phis[losses.argsort()[:keep]]
+    opts = LBFGSOptions(max_steps=300, tol_grad=1e-12, tol_rel=1e-12, patience=5, max_backtracks=20)
+    res = lbfgs(lambda x, rows: reduced(x), best, opts)
+    order = res.loss.argsort().tolist()
+    return res.x[order], [float(res.loss[i]) for i in order]
+
+
+def _continuation(phi: Tensor, reduced_at: Any, factor: float, num_layers: int, *, steps: int = 4) -> Tensor:
+    """Follow a solution from λ's scaled by ``factor`` (< 1, where the family is away from zero) to the
+    given λ's in ``steps`` geometric steps, warm-starting each solve from the last (and its Kneser variant)."""
+    for j in range(1, steps + 1):
+        f = factor ** (1 - j / steps)
+        both = torch.stack([phi, _kneser(phi, num_layers)])  # φ holds u, v: its last two entries
+        phi = _descend(both, reduced_at(f), adam_steps=100, keep=2)[0][0]
+    return phi
 
 
 @dataclass(frozen=True)
@@ -313,28 +324,37 @@ def _solve_cached(
 
     L, k = num_layers, r * (r - 1) // 2
     kw = {"r": r, "num_layers": L, "n": n, "lambda_h": lambda_h, "lambda_w": list(lw)}
-    theta0, _, ref = reference_theta(**kw)
+    theta_ref, s_ref, ref = reference_theta(**kw)
+    theta0 = theta_ref if s_ref > 0 else reference_theta(**kw, scale=(L - 1) / L)[0]  # never start at 0
 
-    def fn(t: Tensor) -> Tensor:
-        return srg_means_objective(t, **kw)
+    def reduced_at(f: float) -> Any:
+        lws = [f * v for v in lw]
+        return lambda phi: _reduced_objective(phi, r=r, num_layers=L, n=n, lambda_h=f * lambda_h, lw=lws)
 
-    def reduced(phi: Tensor) -> Tensor:
-        return _reduced_objective(phi, r=r, num_layers=L, n=n, lambda_h=lambda_h, lw=list(lw))
-
-    phis = _adam(_starts(theta0, r, L, restarts, seed)[:, :-3], reduced)
-    with torch.no_grad():
-        losses = reduced(phis)
-    losses = torch.where(torch.isfinite(losses), losses, torch.inf)
-    polished = [_lbfgs(phis[i], reduced) for i in losses.argsort()[:2].tolist()]
-    cands = [(float(fn(t)), t) for t in (_complete_theta(p, r=r, num_layers=L, lam_last=lw[-1]) for p in polished)]
-    cands.append((ref, theta0))  # never worse than the closed-form reference point
-    _, theta = min(cands, key=lambda c: c[0])
+    reduced = reduced_at(1.0)
+    phis, losses = _descend(_starts(theta0, L, restarts, seed)[:, :-3], reduced, adam_steps=500, keep=2)
+    cands = [(loss, phi) for loss, phi in zip(losses, phis, strict=True)]
+    kc = zero_threshold(num_classes=2, num_layers=L, n=1).kc  # the family's κ past which s_ref = 0
+    kappa = reference_kappa(**kw)
+    if kappa > 0.5 * kc:  # near or past the reference's zero threshold: continuation in λ
+        factor = 0.5 * kc / kappa  # κ is homogeneous of degree 1 in the λ's
+        start = _starts(
+            reference_theta(**{**kw, "lambda_h": factor * lambda_h, "lambda_w": [factor * v for v in lw]})[0],
+            L,
+            restarts,
+            seed,
+        )[:, :-3]
+        low = reduced_at(factor)
+        phi_low = _descend(start, low, adam_steps=500, keep=2)[0][0]
+        phi = _continuation(phi_low, reduced_at, factor, L)
+        cands.append((float(reduced(phi[None])[0]), phi))
+    phi = min(cands, key=lambda c: c[0])[1]
+    theta = _complete_theta(phi, r=r, num_layers=L, lam_last=lw[-1])
+    loss = float(srg_means_objective(theta, **kw))
+    if ref < loss:  # never worse than the closed-form reference point
+        theta, loss = theta_ref, ref
     m1, ws = _means_chain(theta, r, L)
-    h = m1
-    for w in ws[:-2]:
-        h = torch.relu(w @ h)
-    pre = ws[-2] @ h
-    out = ws[-1] @ torch.relu(pre)
+    pre, _, out = forward(m1, ws)
     dnc = dnc_loss(num_classes=k, num_layers=L, n=n, lambda_h=lambda_h, lambda_w=list(lw))
     return SRGSolution(
         r=r,
@@ -343,13 +363,13 @@ def _solve_cached(
         n=n,
         lambda_h=lambda_h,
         lambda_w=list(lw),
-        loss=float(fn(theta)),
+        loss=loss,
         reference_loss=ref,
         dnc_loss=dnc,
-        ratio=float(fn(theta)) / dnc if dnc > 0 else math.nan,
+        ratio=loss / dnc if dnc > 0 else math.nan,
         s=float(torch.diagonal(out).mean()),
-        rank_pre=M.numerical_rank(torch.linalg.svdvals(pre), rtol=1e-8),
-        rank_post=M.numerical_rank(torch.linalg.svdvals(torch.relu(pre)), rtol=1e-8),
+        rank_pre=M.numerical_rank(torch.linalg.svdvals(pre[-1]), rtol=1e-8),
+        rank_post=M.numerical_rank(torch.linalg.svdvals(torch.relu(pre[-1])), rtol=1e-8),
         theta=theta.tolist(),
     )
 
