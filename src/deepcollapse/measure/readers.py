@@ -479,12 +479,12 @@ def _batches(
     layer: LayerArray, selection: ClassSelection, options: MeasureOptions
 ) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """Row chunks of ``layer`` with their row in ``selection.classes`` (samples of other classes dropped)."""
-    index, rows, dev = torch.from_numpy(selection.index), options.batch_size, options.device
+    index, rows, dev, subset = torch.from_numpy(selection.index), options.batch_size, options.device, selection.subset
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i, chunk in enumerate(layer.chunks(rows)):
             h, y = torch.from_numpy(chunk), index[i * rows : i * rows + chunk.shape[0]]
-            if selection.subset:
+            if subset:
                 keep = y >= 0
                 h, y = h[keep], y[keep]
             if y.numel():
