@@ -92,6 +92,13 @@ def papyan_nc4(ref: dict, w: np.ndarray, b: np.ndarray | None) -> float:
     return float((logits.argmax(1) != ref["ncc_pred"]).mean())
 
 
+def zhu_nc3(w: np.ndarray, mbar: np.ndarray) -> float:
+    """Zhu et al.: ``|| W M̄^T/||W M̄^T||_F - (I - 11^T/K)/sqrt(K-1) ||_F``."""
+    k = len(w)
+    g = w @ mbar.T
+    return float(np.linalg.norm(g / np.linalg.norm(g) - (np.eye(k) - 1.0 / k) / np.sqrt(k - 1)))
+
+
 def self_duality(w: np.ndarray, mbar: np.ndarray) -> float:
     """Papyan et al.: ``|| W/||W||_F - M̄/||M̄||_F ||_F`` with the centred class means."""
     return float(np.linalg.norm(w / np.linalg.norm(w) - mbar / np.linalg.norm(mbar)))
@@ -165,8 +172,14 @@ def test_npz_with_classifier_matches_numpy(tmp_path: Path, arrays, compressed: b
     assert "nc3_duality" not in rows["a"]["metrics"] and "nc4" not in rows["a"]["metrics"]
     ref_b = reference(arrays["layer_b"], arrays["labels"], [0, 1, 2, 3, 4])
     assert rows["b"]["metrics"]["nc3_duality"] == pytest.approx(self_duality(arrays["weight"], ref_b["mbar"]), rel=1e-8)
+    assert rows["b"]["metrics"]["nc3_zhu"] == pytest.approx(zhu_nc3(arrays["weight"], ref_b["mbar"]), rel=1e-8)
     want = papyan_nc4(ref_b, arrays["weight"], arrays["bias"])
     assert 0.05 < want < 0.95 and rows["b"]["metrics"]["nc4"] == pytest.approx(want, abs=1e-12)
+    logits = ref_b["h"] @ arrays["weight"].T + arrays["bias"]
+    per_class_nc4 = [(logits.argmax(1) != ref_b["ncc_pred"])[ref_b["y"] == c].mean() for c in range(5)]
+    got = [row["nc4"] for row in csv_rows if row["layer"] == "b"]
+    assert got == pytest.approx(per_class_nc4, abs=1e-12)
+    assert all(math.isnan(row["nc4"]) if isinstance(row["nc4"], float) else row["nc4"] is None for row in csv_rows[:5])
     assert (out / "metrics_vs_depth.png").exists()
     assert "DNC metrics of feats.npz" in r.output and "nc2_etf" in r.output
 
@@ -179,6 +192,7 @@ def test_classes_subset_and_weight_file(tmp_path: Path, arrays) -> None:
     assert r.exit_code == 0, r.output
     meta = metrics_json(tmp_path / "o")
     assert meta["classes"] == [0, 2, 3] and meta["options"]["rtol"] == 1e-9
+    assert [layer["rtol"] for layer in meta["layers"]] == [1e-9, 1e-9]  # the cutoff used, next to the metrics
     assert meta["classifier"] == {"source": str(tmp_path / "w.npy"), "shape": [5, 6], "bias": False}
     rows = layers_of(tmp_path / "o")
     for name in ("a", "b"):
@@ -189,7 +203,8 @@ def test_classes_subset_and_weight_file(tmp_path: Path, arrays) -> None:
     ref_b = reference(arrays["layer_b"], arrays["labels"], [0, 2, 3])
     w = arrays["weight"][[0, 2, 3]]  # the classifier's rows of the measured classes
     means = ref_b["mbar"] + ref_b["h"].mean(0)  # no bias: self-duality with the uncentred means
-    assert rows["b"]["metrics"]["nc3_duality"] == pytest.approx(self_duality(w, means), rel=1e-8)
+    assert "nc3_duality" not in rows["b"]["metrics"]  # no bias: the uncentred form, under its own name
+    assert rows["b"]["metrics"]["nc3_duality_uncentred"] == pytest.approx(self_duality(w, means), rel=1e-8)
     assert rows["b"]["metrics"]["nc4"] == pytest.approx(papyan_nc4(ref_b, w, None), abs=1e-12)
     per_class = read_csv(tmp_path / "o" / "per_class.csv", text_columns=("layer",))
     assert [row["class"] for row in per_class] == [0, 2, 3, 0, 2, 3]
@@ -247,7 +262,7 @@ def test_options(tmp_path: Path, arrays) -> None:
     e = h - means[arrays["labels"]]
     mbar = means - means.mean(0)  # 'classes': the plain average of the class means
     want = np.trace(e.T @ e / len(h) @ np.linalg.pinv(mbar.T @ mbar / 5, rtol=1e-10, hermitian=True))
-    assert raw["nc1"] == pytest.approx(want, rel=1e-8)
+    assert "nc1" not in raw and raw["nc1_unnormalized"] == pytest.approx(want, rel=1e-8)
     assert "ncc_accuracy" not in raw and "nc4" not in raw  # one pass, no classifier: not computed, so absent
     assert metrics_json(tmp_path / "raw")["options"] == {
         "batch_size": 4096,

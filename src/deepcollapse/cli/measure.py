@@ -24,7 +24,17 @@ from deepcollapse.plots import plot_metrics_vs_depth
 
 DEFAULTS = MeasureOptions()
 # metrics shown in the table and the plot, in this order, when a layer has them
-TABLE_METRICS = ("nc1", "nc2_etf", "nc2_orth", "nc3_duality", "nc4", "ncc_accuracy", "cdnv", "rank")
+TABLE_METRICS = (
+    "nc1",
+    "nc2_etf",
+    "nc3_duality",
+    "nc3_duality_uncentred",
+    "nc3_zhu",
+    "nc4",
+    "ncc_accuracy",
+    "cdnv",
+    "rank",
+)
 PLOT_METRICS = ("nc1", "nc2_etf", "nc2_orth", "cdnv")
 
 

@@ -33,9 +33,15 @@ import numpy as np
 import torch
 
 from deepcollapse._validate import DeepCollapseError, check_positive_int
-from deepcollapse.measure.accumulate import ClassAccumulator, accumulate_stats, centres
-from deepcollapse.measure.metrics import F64, ClassStats, cdnv_matrix, centred_means, dnc_metrics, nc3
-from deepcollapse.measure.probe import nearest_centre
+from deepcollapse.measure.accumulate import ClassAccumulator, accumulate_stats
+from deepcollapse.measure.metrics import (
+    METRICS,
+    ClassStats,
+    centred_means,
+    classifier_predictions,
+    dnc_metrics,
+    pair_summary,
+)
 
 __all__ = [
     "BIAS_KEYS",
@@ -54,7 +60,6 @@ __all__ = [
     "select_classes",
 ]
 
-_NAMES = {"nc4": "ncc_accuracy"}  # dnc_metrics' nearest-class-centre accuracy, under its own name
 WEIGHT_KEYS = ("weight", "classifier_weight")  # the classifier's (K, D) weight in an .npz
 BIAS_KEYS = ("bias", "classifier_bias")  # its (K,) bias
 
@@ -381,7 +386,8 @@ class MeasureOptions:
 
 @dataclass(frozen=True)
 class LayerResult:
-    """One layer's measurement: ``metrics`` (name -> number) and ``per_class`` rows (see :func:`per_class_rows`)."""
+    """One layer's measurement: ``metrics`` (name -> number), ``per_class`` rows (see :func:`per_class_rows`) and
+    ``meta``: what the metrics were computed with (``rtol``: the cutoff used)."""
 
     name: str
     depth: int
@@ -390,6 +396,7 @@ class LayerResult:
     samples: int
     metrics: dict[str, float | int]
     per_class: list[dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -398,6 +405,7 @@ class LayerResult:
             "dim": self.dim,
             "dtype": self.dtype,
             "samples": self.samples,
+            **self.meta,
             "metrics": self.metrics,
         }
 
@@ -448,80 +456,64 @@ def per_class_rows(
     stats: ClassStats, *, classes: Sequence[int] | None = None, weighting: str = "samples"
 ) -> list[dict[str, Any]]:
     """Per class: ``samples`` ``n_c``; ``within_variance`` ``Var_c = 1/n_c Σ ||h_i - μ_c||²``; ``mean_norm``
-    ``||μ_c||`` and ``centred_mean_norm`` ``||μ_c - μ_G||``; ``ncc_accuracy`` (when counted); the CDNV row:
+    ``||μ_c||`` and ``centred_mean_norm`` ``||μ_c - μ_G||``; ``ncc_accuracy`` and ``nc4`` (the fraction of the
+    class whose classifier prediction differs from its nearest class mean) when counted; the CDNV row:
     ``cdnv_mean`` its mean over the other classes, ``cdnv_max`` its largest entry and ``cdnv_max_class`` the
     class reaching it (the class ``c`` is least separated from). ``classes`` names the rows (default
-    ``0..K-1``)."""
-    mat = cdnv_matrix(stats)
-    k = stats.num_classes
-    ids = list(range(k)) if classes is None else [int(c) for c in classes]
-    off = mat.clone().fill_diagonal_(float("-inf"))
-    top, arg = off.max(1)
-    row_mean = mat.sum(1) / (k - 1)
+    ``0..K-1``). The CDNV rows come from the tiled :func:`~deepcollapse.measure.metrics.pair_summary`."""
+    pairs = pair_summary(stats, weighting=weighting)
+    ids = list(range(stats.num_classes)) if classes is None else [int(c) for c in classes]
     norms, centred = stats.means.norm(dim=1), centred_means(stats, weighting=weighting).norm(dim=1)
-    rows = []
-    for c in range(k):
-        row: dict[str, Any] = {
-            "class": ids[c],
-            "samples": int(stats.counts[c]),
-            "within_variance": float(stats.within_trace[c]),
-            "mean_norm": float(norms[c]),
-            "centred_mean_norm": float(centred[c]),
-        }
-        if stats.ncc_correct is not None:
-            row["ncc_accuracy"] = float(stats.ncc_correct[c]) / int(stats.counts[c])
-        row.update(cdnv_mean=float(row_mean[c]), cdnv_max=float(top[c]), cdnv_max_class=ids[int(arg[c])])
-        rows.append(row)
-    return rows
+    counts = stats.counts.tolist()
+    columns: dict[str, list[Any]] = {
+        "class": ids,
+        "samples": counts,
+        "within_variance": stats.within_trace.tolist(),
+        "mean_norm": norms.tolist(),
+        "centred_mean_norm": centred.tolist(),
+    }
+    for name, hits in (("ncc_accuracy", stats.ncc_correct), ("nc4", stats.nc4_disagree)):
+        if hits is not None:
+            columns[name] = [h / n for h, n in zip(hits.tolist(), counts, strict=True)]
+    columns["cdnv_mean"] = pairs.cdnv_per_class.tolist()
+    columns["cdnv_max"] = pairs.cdnv_max.tolist()
+    columns["cdnv_max_class"] = [ids[c] for c in pairs.cdnv_max_class.tolist()]
+    return [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
 
 
 def _batches(
-    layer: LayerArray, selection: ClassSelection, options: MeasureOptions
-) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-    """Row chunks of ``layer`` with their row in ``selection.classes`` (samples of other classes dropped)."""
+    layer: LayerArray, selection: ClassSelection, options: MeasureOptions, clf: Classifier | None = None
+) -> Callable[[], Iterator[tuple[torch.Tensor, ...]]]:
+    """Row chunks of ``layer`` with their row in ``selection.classes`` (samples of other classes dropped) and,
+    with a classifier, its predictions ``argmax_c (W h + b)_c`` in the last pass (they give NC4)."""
     index, rows, dev, subset = torch.from_numpy(selection.index), options.batch_size, options.device, selection.subset
+    w = None if clf is None else torch.from_numpy(clf.weight).to(dev)
+    b = None if clf is None or clf.bias is None else torch.from_numpy(clf.bias).to(dev)
+    calls = [0]
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches() -> Iterator[tuple[torch.Tensor, ...]]:
+        calls[0] += 1
+        predict = w is not None and options.passes == 2 and calls[0] == 2
         for i, chunk in enumerate(layer.chunks(rows)):
             h, y = torch.from_numpy(chunk), index[i * rows : i * rows + chunk.shape[0]]
             if subset:
                 keep = y >= 0
                 h, y = h[keep], y[keep]
             if y.numel():
-                yield h.to(dev), y.to(dev)
+                h, y = h.to(dev), y.to(dev)
+                yield (h, y, classifier_predictions(h, w, b)) if predict else (h, y)
 
     return batches
 
 
-def _layer_stats(layer: LayerArray, selection: ClassSelection, options: MeasureOptions) -> ClassStats:
+def _layer_stats(
+    layer: LayerArray, selection: ClassSelection, options: MeasureOptions, clf: Classifier | None
+) -> ClassStats:
     """Stream one layer from disk (only the rows of the measured classes) into its statistics."""
     acc_options: dict[str, Any] = {"passes": options.passes, "name": f"layer {layer.name!r}"}
     if options.cov is not None:
         acc_options["cov"] = options.cov
-    return accumulate_stats(_batches(layer, selection, options), int(selection.classes.size), **acc_options)
-
-
-def _classifier_metrics(
-    layer: LayerArray, stats: ClassStats, clf: Classifier, selection: ClassSelection, options: MeasureOptions
-) -> dict[str, float]:
-    """Self-duality (NC3, Papyan) and NC4 (Papyan: the fraction of samples whose classifier prediction
-    ``argmax_c (W h + b)_c`` differs from the nearest class mean) of the classifier reading ``layer``.
-
-    Self-duality uses the centred means with a bias and the uncentred means without one; NC4 takes one more
-    pass over the layer.
-    """
-    w = torch.from_numpy(clf.weight)
-    out = {"nc3_duality": nc3(w, stats, method="duality", center=clf.bias is not None, weighting=options.weighting)}
-    ref = centres(stats.means, stats.counts)
-    dev = stats.means.device
-    w, b = w.to(dev), None if clf.bias is None else torch.from_numpy(clf.bias).to(dev)
-    disagree = 0
-    for h, _ in _batches(layer, selection, options)():
-        x = h.reshape(h.shape[0], -1).to(F64)
-        predicted = torch.nn.functional.linear(x, w, b).argmax(1)
-        disagree += int((predicted != nearest_centre(x, ref)).sum())
-    out["nc4"] = disagree / stats.total
-    return out
+    return accumulate_stats(_batches(layer, selection, options, clf), int(selection.classes.size), **acc_options)
 
 
 def measure_saved(
@@ -546,11 +538,18 @@ def measure_saved(
     clf = None if inputs.classifier is None else _check_classifier(inputs.classifier, inputs.layers[-1], selection)
     results = []
     for depth, layer in enumerate(inputs.layers):
-        stats = _layer_stats(layer, selection, options)
-        metrics = dnc_metrics(stats, normalize=options.normalize, weighting=options.weighting)
-        metrics = {_NAMES.get(k, k): int(v) if k.startswith("rank") else v for k, v in metrics.items()}
-        if clf is not None and depth == len(inputs.layers) - 1:
-            metrics.update(_classifier_metrics(layer, stats, clf, selection, options))
+        head = clf if depth == len(inputs.layers) - 1 else None
+        stats = _layer_stats(layer, selection, options, head)
+        found = dnc_metrics(
+            stats,
+            weight=None if head is None else torch.from_numpy(head.weight),
+            bias_free=head is not None and head.bias is None,
+            normalize=options.normalize,
+            weighting=options.weighting,
+            rtol=options.rtol,
+        )
+        meta = {k: v for k, v in found.items() if METRICS[k].kind == "meta"}
+        metrics = {k: v for k, v in found.items() if k not in meta}
         rows = per_class_rows(stats, classes=selection.classes.tolist(), weighting=options.weighting)
-        results.append(LayerResult(layer.name, depth, layer.dim, str(layer.dtype), stats.total, metrics, rows))
+        results.append(LayerResult(layer.name, depth, layer.dim, str(layer.dtype), stats.total, metrics, rows, meta))
     return Measurement(inputs, selection, options, results)
