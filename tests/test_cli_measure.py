@@ -389,3 +389,20 @@ def test_npz_members_are_read_in_chunks(tmp_path: Path, arrays) -> None:
     np.testing.assert_array_equal(np.concatenate(chunks), arrays["layer_b"])
     np.testing.assert_array_equal(inputs.labels, arrays["labels"])
     np.testing.assert_array_equal(inputs.classifier.weight, arrays["weight"])
+
+
+@pytest.mark.parametrize("path", [None, "--light", "--full"])
+def test_float32_low_rank_lift_gives_the_float64_answer(tmp_path: Path, path: str | None) -> None:
+    """Issue 8's case: a float32 rank-4 bottleneck (K = 10) lifted linearly to D = 256 has the NC1 of the
+    bottleneck (Σ_B of rank 4 < K - 1), on every path of the command."""
+    rng = np.random.default_rng(3)
+    y = np.arange(2000) % 10
+    z = (rng.normal(size=(10, 4))[y] * 3 + rng.normal(size=(2000, 4))).astype(np.float32)
+    lift = rng.normal(size=(4, 256)).astype(np.float32)
+    np.savez(tmp_path / "f.npz", layer_z=z, layer_up=z @ lift, labels=y)
+    r = invoke(tmp_path / "f.npz", "--out", tmp_path / "o", *([path] if path else []))
+    assert r.exit_code == 0, r.output
+    rows = layers_of(tmp_path / "o")
+    want = reference(z, y, list(range(10)))["nc1"]  # float64 on the bottleneck itself
+    assert rows["z"]["metrics"]["nc1"] == pytest.approx(want, rel=1e-8)
+    assert rows["up"]["metrics"]["nc1"] == pytest.approx(want, rel=1e-6)
