@@ -56,6 +56,7 @@ def dufm_match() -> dict[str, Any]:
     from deepcollapse import DUFM, DUFMConfig
     from deepcollapse import theory as T
     from deepcollapse.dufm.solve import SolverConfig, solve
+    from deepcollapse.theory.analysis import analyze_solution
 
     kw = dict(num_classes=2, n_per_class=10, num_layers=3, width=16, lambda_h=2e-3, lambda_w=2e-3, seed=0)
     out: dict[str, Any] = {}
@@ -69,7 +70,7 @@ def dufm_match() -> dict[str, Any]:
         r = solve(gpu2, SolverConfig(optimizer="lbfgs", metrics=True))
         dnc = T.dnc_loss(num_classes=2, num_layers=3, n=10, lambda_h=2e-3, lambda_w=2e-3)
         out[f"lbfgs_{dtype}_gap"] = (r.loss - dnc) / dnc
-        out[f"lbfgs_{dtype}_check"] = T.check(gpu2.h1, list(gpu2.weights), DUFMConfig(**kw))["dnc"]
+        out[f"lbfgs_{dtype}_verdict"] = analyze_solution(gpu2.h1, list(gpu2.weights), DUFMConfig(**kw))["verdict"]
     return out
 
 
