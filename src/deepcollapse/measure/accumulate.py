@@ -169,9 +169,13 @@ def init_moments(num_classes: int, dim: int, *, device: torch.device | str | Non
 
 
 def update_moments(state: MomentState, h: Tensor, y: Tensor) -> MomentState:
-    """``n_c += |{i: y_i = c}|``, ``s_c += Σ_{y_i = c} h_i`` for a prepared batch (see :func:`prepare_batch`)."""
-    k = state.counts.numel()
-    return MomentState(state.counts + torch.bincount(y, minlength=k), state.sums.index_add(0, y, h.to(F64)))
+    """``n_c += |{i: y_i = c}|``, ``s_c += Σ_{y_i = c} h_i`` for a prepared batch (see :func:`prepare_batch`).
+
+    Adds into ``state``'s tensors in place (a copy of the K x D sums per batch costs more than the batch) and
+    returns it."""
+    state.counts.add_(torch.bincount(y, minlength=state.counts.numel()))
+    state.sums.index_add_(0, y, h.to(F64))
+    return state
 
 
 def merge_moments(a: MomentState, b: MomentState) -> MomentState:
@@ -290,30 +294,29 @@ def update_spread(
     predictions: Tensor | None = None,
     tile_bytes: int = DEFAULT_TILE_BYTES,
 ) -> SpreadState:
-    """Add a prepared batch's centred moments about ``ref.means``.
+    """Add a prepared batch's centred moments about ``ref.means``, into ``state``'s tensors in place (the
+    ``K x K`` and ``D x D`` sums are not copied per batch); returns the updated state.
 
     ``predictions`` (B,), in the same class indices as ``y``, are compared with the nearest class mean for NC4.
     """
     e = torch.sub(h, ref.means.index_select(0, y))  # float64 by type promotion, one pass over h
     p = None if state.proj is None else e @ ref.shifted.T  # (B, K)
-    k = state.counts.numel()
     ncc, nc4 = state.ncc_correct, state.nc4_disagree
     if ncc is not None or nc4 is not None:
         pred = _nearest(h, e, p, y, ref, tile_bytes)
+        if nc4 is not None and predictions is None:
+            raise DeepCollapseError("predictions are needed for every batch of the pass once given for one")
         if ncc is not None:
-            ncc = ncc.index_add(0, y, (pred == y).to(I64))
+            ncc.index_add_(0, y, (pred == y).to(I64))
         if nc4 is not None:
-            if predictions is None:
-                raise DeepCollapseError("predictions are needed for every batch of the pass once given for one")
-            nc4 = nc4.index_add(0, y, (pred != predictions).to(I64))
-    return SpreadState(
-        counts=state.counts + torch.bincount(y, minlength=k),
-        within_sq=state.within_sq.index_add(0, y, torch.linalg.vecdot(e, e)),
-        proj=None if p is None else torch.addmm(state.proj, p.T, p),
-        scatter=None if state.scatter is None else torch.addmm(state.scatter, e.T, e),
-        ncc_correct=ncc,
-        nc4_disagree=nc4,
-    )
+            nc4.index_add_(0, y, (pred != predictions).to(I64))
+    state.counts.add_(torch.bincount(y, minlength=state.counts.numel()))
+    state.within_sq.index_add_(0, y, torch.linalg.vecdot(e, e))
+    if p is not None and state.proj is not None:
+        state.proj.addmm_(p.T, p)
+    if state.scatter is not None:
+        state.scatter.addmm_(e.T, e)
+    return state
 
 
 def merge_spread(a: SpreadState, b: SpreadState) -> SpreadState:
@@ -763,9 +766,9 @@ class ClassAccumulator:
 
     def _present(self, counts: Tensor) -> list[int]:
         """Labels measured: the requested (or all) classes that have samples; warns about the others."""
-        wanted = self.classes if self.classes is not None else list(range(self.num_classes))
-        have = [c for c in wanted if int(counts[c]) > 0]
-        missing = [c for c in wanted if int(counts[c]) == 0]
+        wanted = torch.arange(self.num_classes) if self.classes is None else torch.tensor(self.classes)
+        seen = counts.cpu()[wanted] > 0
+        have, missing = wanted[seen].tolist(), wanted[~seen].tolist()
         if len(have) < 2:
             raise DeepCollapseError(
                 f"{self.name}: only class(es) {have} have samples; collapse needs at least 2 classes"
