@@ -128,16 +128,7 @@ def run_dufm(
     DeepCollapseError : bad configuration, an occupied ``out`` (without ``overwrite``/``resume``), a
         checkpoint from another configuration, or a diverged run (after its files are written).
     """
-    K = config.num_classes
-    narrow = [(i + 1, d) for i, d in enumerate(config.widths) if d < K]
-    if narrow and not allow_narrow:
-        layers = ", ".join(f"d_{i} = {d}" for i, d in narrow)
-        raise DeepCollapseError(
-            f"width below K = {K} ({layers}): DNC needs K orthogonal class means per layer, so the theory's "
-            "optimum is out of reach; pass allow_narrow=True to train anyway (L_DNC is then a lower bound for K = 2)"
-        )
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeepCollapseError(f"device {config.device}: CUDA is not available on this machine")
+    _check_request(config, allow_narrow=allow_narrow)
     ckpt_path = Path(out) / "checkpoint.pt"
     if resume and not ckpt_path.exists():
         raise DeepCollapseError(f"nothing to resume: no checkpoint at {ckpt_path}")
@@ -164,19 +155,44 @@ def run_dufm(
             resume_state=resume_state,
         )
     except DivergenceError as e:
-        partial: SolveResult = e.result  # type: ignore[attr-defined]
-        write_csv(out / "history.csv", partial.history)
-        write_json(
-            out / "summary.json",
-            {"status": "diverged", "message": str(e), "steps": partial.steps, "theory": th},
-        )
-        raise DeepCollapseError(f"{e} (history so far kept in {out})") from None
+        _write_diverged(out, e, th)
     write_csv(out / "history.csv", result.history)
     summary = summarize(model, result, solver)
     write_json(out / "summary.json", summary)
     if plots_enabled:
         draw_plots(out, result.history, summary, config.num_layers)
     return RunOutput(out=out, summary=summary, result=result)
+
+
+def _check_request(config: DUFMConfig, *, allow_narrow: bool) -> None:
+    """Refuse widths below K (unless ``allow_narrow``) and an unavailable CUDA device, before any file."""
+    K = config.num_classes
+    narrow = [(i + 1, d) for i, d in enumerate(config.widths) if d < K]
+    if narrow and not allow_narrow:
+        layers = ", ".join(f"d_{i} = {d}" for i, d in narrow)
+        raise DeepCollapseError(
+            f"width below K = {K} ({layers}): DNC needs K orthogonal class means per layer, so the theory's "
+            "optimum is out of reach; pass allow_narrow=True to train anyway (L_DNC is then a lower bound for K = 2)"
+        )
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeepCollapseError(f"device {config.device}: CUDA is not available on this machine")
+
+
+def _write_diverged(out: Path, err: DivergenceError, theory_block: dict[str, Any] | None) -> None:
+    """Keep the history of a diverged run and a ``"diverged"`` summary, then raise a one-line error."""
+    partial: SolveResult = err.result  # type: ignore[attr-defined]
+    write_csv(out / "history.csv", partial.history)
+    write_json(
+        out / "summary.json",
+        {
+            "status": "diverged",
+            "stop_reason": "diverged",
+            "message": str(err),
+            "steps": partial.steps,
+            "theory": theory_block,
+        },
+    )
+    raise DeepCollapseError(f"{err} (history so far kept in {out})") from None
 
 
 def draw_plots(out: Path, history: list[dict[str, Any]], summary: dict[str, Any], num_layers: int) -> None:

@@ -341,22 +341,8 @@ def optimal_parameters(
         ws = [torch.zeros(o, i, dtype=torch.float64) for i, o in zip(dims[:-1], dims[1:], strict=True)]
     else:
         norms = [t, *q, s]
-        d1 = dims[0]
-        if h1 == "antipodal":
-            u = _orthonormal(d1, 1, generator)[:, 0]
-            means = torch.stack([u, -u], dim=1) * t  # d1 x 2
-            first = torch.zeros(dims[1], d1, dtype=torch.float64)
-            first[0] += u
-            first[1] -= u
-        elif h1 == "etf":
-            e1 = _orthonormal(d1, K, generator)
-            p = torch.eye(K, dtype=torch.float64) - 1.0 / K
-            means = e1 @ p * (t * math.sqrt(K / (K - 1)))
-            first = torch.eye(dims[1], K, dtype=torch.float64) @ p @ e1.T * math.sqrt(K / (K - 1))
-        else:
-            e1 = _orthonormal(d1, K, generator)
-            means = e1 * t
-            first = torch.eye(dims[1], K, dtype=torch.float64) @ e1.T
+        means, first = _h1_geometry(h1, K, dims[0], dims[1], generator)
+        means = means * t
         ws = [first * (norms[1] / norms[0])]
         for i in range(1, L):
             p_k = torch.eye(dims[i + 1], K, dtype=torch.float64) @ torch.eye(K, dims[i], dtype=torch.float64)
@@ -364,6 +350,26 @@ def optimal_parameters(
         h = means[:, labels_from_counts(config.counts)]
     dev, dt = torch.device(config.device), config.torch_dtype
     return h.to(device=dev, dtype=dt), [w.to(device=dev, dtype=dt) for w in ws]
+
+
+def _h1_geometry(
+    kind: str, num_classes: int, d1: int, d2: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """Unit-norm H1 class means (d1 x K) of one optimal geometry, and ``W_1`` up to the factor ``q_2/t``:
+    ``W_1 M`` has the ReLU image ``[e_1..e_K]`` (see :func:`optimal_parameters`)."""
+    K = num_classes
+    if kind == "antipodal":
+        u = _orthonormal(d1, 1, generator)[:, 0]
+        first = torch.zeros(d2, d1, dtype=torch.float64)
+        first[0] += u
+        first[1] -= u
+        return torch.stack([u, -u], dim=1), first
+    e1 = _orthonormal(d1, K, generator)
+    if kind == "etf":
+        p = torch.eye(K, dtype=torch.float64) - 1.0 / K
+        a = math.sqrt(K / (K - 1))
+        return e1 @ p * a, torch.eye(d2, K, dtype=torch.float64) @ p @ e1.T * a
+    return e1, torch.eye(d2, K, dtype=torch.float64) @ e1.T
 
 
 def check(h1: Tensor, weights: Sequence[Tensor], config: DUFMConfig) -> dict[str, Any]:
