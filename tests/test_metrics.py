@@ -389,3 +389,14 @@ def test_the_centring_direction_is_never_inverted() -> None:
     stats = M.class_stats(h, y, 5, cov="full")
     assert M.mean_spectrum(stats, center=True)[-1] > 0  # rounding left something to invert
     assert M.nc1(stats, rtol=1e-300) == pytest.approx(ref_of(h, y)["nc1"], rel=1e-9)
+
+
+def test_the_docs_table_is_the_registry() -> None:
+    """docs/conventions.md lists every name of METRICS, with the registry's formula, in one table."""
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "conventions.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip().strip("`"): line for line in page.splitlines() if line.startswith("| `")}
+    assert set(rows) == set(M.METRICS)
+    for name, info in M.METRICS.items():
+        assert info.collapse.split(" ")[0] in rows[name], name
