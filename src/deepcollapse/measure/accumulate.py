@@ -526,6 +526,8 @@ class ClassAccumulator:
         Measure only these labels (samples of other classes are skipped).
     means : Tensor (K, D) or ClassStats, optional
         Fixed class means (e.g. the training set's): one pass about them, no pass 1.
+    max_cov_bytes : int
+        One-pass mode refuses a ``D x D`` float64 scatter larger than this.
     tile_bytes : int
         Largest float64 block of per-sample class scores (``B x K``).
     name : str
