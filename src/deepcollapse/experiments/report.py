@@ -83,6 +83,8 @@ def _experiment(root: Path, r: dict[str, Any]) -> str:
         f"<h4>This run</h4><pre>{_e(settings)}</pre><p>time: {seconds}</p></div>"
         f'<div class="figs">{figs}</div></div>'
     )
+    for note in r.get("notes", []):
+        parts.append(f'<p class="note">Note: {_e(note)}</p>')
     if r.get("claims"):
         parts.append(_claims_table(r["claims"]))
     parts.append("</div>")

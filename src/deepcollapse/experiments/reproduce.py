@@ -49,7 +49,7 @@ class Experiment:
     "figures": [paths relative to out], "settings": {...}, "notes": [...]}``. ``params`` maps each
     size to the function's keyword arguments; a size missing from it leaves the experiment out of that
     size. A size's ``params["needs"]`` names a context entry (e.g. ``"cifar10"``) without which the
-    experiment is skipped (and shown as skipped in the report).
+    experiment is skipped, and ``params["skip"]`` skips it with that reason (both shown in the report).
     """
 
     id: str
@@ -178,8 +178,10 @@ def _run_one(exp: Experiment, out: Path, size: str, context: dict[str, Any]) -> 
     base = {"id": exp.id, "paper": exp.paper, "title": exp.title, "setting": exp.setting, "size": size}
     params = exp.params.get(size) or exp.params.get("default") or {}
     needs = params.get("needs")
+    why = f"skipped: {params['skip']}" if params.get("skip") else None
     if needs and not context.get(needs):
         why = f"skipped: needs {needs}=PATH (--{needs} on the command line), not given"
+    if why:
         result = {**base, "skipped": why, "claims": [], "figures": [], "settings": params}
         write_json(done, result)
         return result

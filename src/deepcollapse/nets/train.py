@@ -28,7 +28,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from deepcollapse._validate import DeepCollapseError, DivergenceError, check_nonneg, check_positive_int, check_real
-from deepcollapse.dufm.model import DUFMConfig, objective
+from deepcollapse.dufm.model import DUFMConfig, fit_term, forward, label_matrix, objective, penalty
 from deepcollapse.files import prepare_out_dir, read_json, save_torch, write_csv, write_json
 from deepcollapse.measure import metrics as M
 from deepcollapse.nets.data import DataConfig, Dataset, load_dataset
@@ -223,14 +223,13 @@ def loss_terms(
     """
     b = out.shape[0]
     if loss == "mse":
-        y = nn.functional.one_hot(labels, out.shape[1]).to(out.dtype)
-        fit = (out - y).pow(2).sum() / (2 * b)
+        fit = fit_term(out.T, nn.functional.one_hot(labels, out.shape[1]).T.to(out.dtype))
     else:
         fit = nn.functional.cross_entropy(out, labels)
     zero = out.new_zeros(())
-    reg_w = 0.5 * lambda_w * sum((w.pow(2).sum() for w in head_weights), zero)
-    reg_h1 = 0.5 * lambda_h * (num_samples / b) * h1.pow(2).sum()
-    reg_b = 0.5 * backbone_wd * sum((p.pow(2).sum() for p in backbone_params), zero) if backbone_wd else zero
+    reg_w = sum((penalty(w.reshape(1, -1), lambda_w) for w in head_weights), zero)
+    reg_h1 = penalty(h1, lambda_h * num_samples / b)
+    reg_b = sum((penalty(p.reshape(1, -1), backbone_wd) for p in backbone_params), zero) if backbone_wd else zero
     return {"total": fit + reg_w + reg_h1 + reg_b, "fit": fit, "reg_w": reg_w, "reg_h1": reg_h1, "reg_backbone": reg_b}
 
 
@@ -308,11 +307,12 @@ def compare_with_theory(
 ) -> dict[str, Any]:
     """The head on the learned features against the DUFM optimum for the same K, n and λ's.
 
-    ``h1`` holds the features of the *whole* training set (rows, sorted by class, n per class). Returns
-    :func:`deepcollapse.theory.check` on ``(H1^T, W)`` -- the DUFM objective ``loss`` (its ``fit``,
-    ``reg``) against ``dnc_loss`` = L_DNC and their relative ``gap``, the output scale ``s`` against
-    ``s_theory``, per-layer norms, NC1 and the orthogonal-frame error ``orth_frame`` (``metrics.nc2_orth``)
-    -- plus per layer the alignment ``nc3`` of ``W_l`` with layer l's class means (``metrics.nc3``).
+    ``h1`` holds the features of the *whole* training set (rows, sorted by class, n per class). Returns the
+    one solution record of :func:`deepcollapse.theory.analysis.analyze_solution` on ``(H1^T, W)`` -- the
+    DUFM objective ``loss`` against ``dnc_loss`` = L_DNC and their relative ``gap``, the output scale, per-layer
+    norms, NC1 and orthogonal-frame errors, class-mean ranks and spectra, the ``verdict`` -- plus per layer
+    the alignment ``nc3`` of ``W_l`` with layer l's class means (``metrics.nc3_span``), ``n``, the λ's and
+    ``ratio`` (``loss / L_DNC``).
     """
     if config.net.head_bias:
         return {"skipped": "the head has biases; the DUFM (and its theory) has none"}
@@ -323,27 +323,76 @@ def compare_with_theory(
     cfg = _dufm_config(config, num_classes=num_classes, n=n)
     h = h1.detach().to(torch.float64).cpu().T
     ws = [w.detach().to(torch.float64).cpu() for w in head_weights]
-    result = theory.check(h, ws, cfg)
-    hidden = [h]
+    result = analyze_solution(h, ws, cfg)
     with torch.no_grad():
-        for w in ws[:-1]:
-            hidden.append(torch.relu(w @ hidden[-1]))
-    for entry, feat, w in zip(result["layers"], hidden, ws, strict=True):
+        _, post, _ = forward(h, ws)
+    for entry, feat, w in zip(result["layers"], [h, *post], ws, strict=True):
         entry["nc3"] = M.nc3_span(w, M.class_stats(feat.T, labels.cpu(), num_classes, ncc=False))
-    result.update(
-        num_classes=num_classes,
-        n=n,
-        num_layers=cfg.num_layers,
-        lambda_h=config.lambda_h,
-        lambda_w=config.lambda_w,
-        ratio=result["loss"] / result["dnc_loss"] if result["dnc_loss"] > 0 else None,
-        note=(
-            "K = 2: L_DNC is the global optimum of the DUFM"
-            if num_classes == 2
-            else "K > 2: L_DNC is the best DNC configuration; lower-rank solutions can beat it (the follow-up)"
-        ),
+    note = (
+        "K = 2: L_DNC is the global optimum of the DUFM"
+        if num_classes == 2
+        else "K > 2: L_DNC is the best DNC configuration; lower-rank solutions can beat it (the follow-up)"
     )
+    result.update(num_classes=num_classes, n=n, num_layers=cfg.num_layers, lambda_h=config.lambda_h,
+                  lambda_w=config.lambda_w, ratio=result["ratio_dnc"], note=note)  # fmt: skip
     return result
+
+
+def run_epoch(
+    batch_loss: Callable[[Tensor, Tensor], tuple[dict[str, Tensor], int]],
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    *,
+    config: TrainConfig,
+    epoch: int,
+    generator: torch.Generator,
+    on_batch: Callable[[], None] | None = None,
+) -> tuple[dict[str, float], int, float]:
+    """One pass of mini-batch training -- the one training loop of this module.
+
+    The samples are visited in the order of ``torch.randperm(len(y), generator=generator)``, in batches of
+    ``config.batch_size``; batch ``b`` sets the learning rate to ``lr_at(epoch, config, step=b, steps)``,
+    computes ``terms, correct = batch_loss(x_b, y_b)`` and takes one optimizer step on ``terms["total"]``.
+    Returns the sample-weighted sums of the terms, the summed ``correct`` and the last learning rate. A
+    non-finite loss raises :class:`DivergenceError` ("the loss became ... at epoch e, batch b").
+    """
+    n = len(y)
+    steps = math.ceil(n / config.batch_size)
+    perm = torch.randperm(n, generator=generator).to(x.device)
+    sums: dict[str, float] = {}
+    correct, lr = 0, config.lr
+    for b, i in enumerate(range(0, n, config.batch_size)):
+        idx = perm[i : i + config.batch_size]
+        lr = lr_at(epoch, config, step=b, steps=steps)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        terms, right = batch_loss(x[idx], y[idx])
+        if not torch.isfinite(terms["total"]):
+            raise DivergenceError(f"the loss became {terms['total'].item()} at epoch {epoch + 1}, batch {b + 1}")
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        optimizer.step()
+        for key, v in terms.items():
+            sums[key] = sums.get(key, 0.0) + v.item() * len(idx)
+        correct += right
+        if on_batch is not None:
+            on_batch()
+    return sums, correct, lr
+
+
+def _optimal_target(data: Dataset, config: TrainConfig) -> tuple[Tensor, list[Tensor], DUFMConfig] | str:
+    """The optimal H1 class means (K, d1), the optimal head and its DUFM config, or why there is none."""
+    k = data.num_classes
+    cfg = _dufm_config(config, num_classes=k, n=data.n_per_class)
+    try:
+        h_star, w_star = theory.optimal_parameters(cfg)
+    except DeepCollapseError as e:  # e.g. a width below K, or a λ of 0: no unique optimum to fit
+        return f"no explicit DUFM optimum to fit: {e}"
+    means = M.class_stats(h_star.T, data.y_train, k, ncc=False).means.to(torch.float32)
+    if float(means.abs().max()) == 0.0:
+        return "the DUFM optimum is all zeros for these λ's (past the zero threshold)"
+    return means, [w.double().cpu() for w in w_star], cfg
 
 
 def fit_to_optimal(
@@ -357,75 +406,72 @@ def fit_to_optimal(
     """The reverse experiment: fit a fresh backbone to the optimal DUFM features.
 
     Target ``H1*`` from :func:`deepcollapse.theory.optimal_parameters` (class means ``t e_c``); the backbone
-    (seed + 1) minimizes ``1/(2b) Σ_i ||f(x_i) - h*_{y_i}||²`` with Adam (lr 1e-3, cosine) and no weight
-    decay (the target's scale ``t`` is small, so a decay would bias the fit more than it regularizes).
-    Reports the relative errors ``||H1 - H1*||_F / ||H1*||_F`` on the training and test sets, the
-    DUFM objective of the fitted ``H1`` under the optimal head (against L_DNC), and that head's accuracies.
+    (seed + 1) minimizes ``1/(2b) Σ_i ||f(x_i) - h*_{y_i}||²`` (:func:`deepcollapse.dufm.model.fit_term`)
+    with Adam (lr 1e-3, cosine) and no weight decay (the target's scale ``t`` is small, so a decay would bias
+    the fit more than it regularizes), by :func:`run_epoch`. Reports the relative errors
+    ``||H1 - H1*||_F / ||H1*||_F`` on the training and test sets, the DUFM objective of the fitted ``H1``
+    under the optimal head (against L_DNC), and that head's accuracies.
     """
-    k, n = data.num_classes, data.n_per_class
-    cfg = _dufm_config(config, num_classes=k, n=n)
-    try:
-        h_star, w_star = theory.optimal_parameters(cfg)
-    except DeepCollapseError as e:  # e.g. a width below K, or a λ of 0: no unique optimum to fit
-        return {"skipped": f"no explicit DUFM optimum to fit: {e}"}
-    means = M.class_stats(h_star.T, data.y_train, k, ncc=False).means.to(torch.float32)  # (K, d1)
-    if float(means.abs().max()) == 0.0:
-        return {"skipped": "the DUFM optimum is all zeros for these λ's (past the zero threshold)"}
+    target = _optimal_target(data, config)
+    if isinstance(target, str):
+        return {"skipped": target}
+    means, ws, cfg = target
     torch.manual_seed(config.seed + 1)
-    net = build_net(config.net, input_shape=data.input_shape, num_classes=k).to(device)
-    backbone = net.backbone
-    opt = torch.optim.Adam(backbone.parameters(), lr=1e-3)
-    x, y = data.x_train.to(device), data.y_train.to(device)
-    target = means.to(device)
+    backbone = build_net(config.net, input_shape=data.input_shape, num_classes=data.num_classes).backbone.to(device)
+    fit_config = replace(config, optimizer="adam", lr=1e-3, schedule="cosine", warmup_epochs=0.0, epochs=epochs)
+    opt = torch.optim.Adam(backbone.parameters(), lr=fit_config.lr)
+    goal = means.to(device)
     gen = torch.Generator().manual_seed(config.seed + 1)
-    steps = max(1, epochs * math.ceil(len(y) / config.batch_size))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+
+    def batch_loss(xb: Tensor, yb: Tensor) -> tuple[dict[str, Tensor], int]:
+        return {"total": fit_term(backbone(xb).T, goal[yb].T)}, 0
+
     backbone.train()
+    x, y = data.x_train.to(device), data.y_train.to(device)
     for epoch in range(epochs):
-        perm = torch.randperm(len(y), generator=gen).to(device)
-        for i in range(0, len(y), config.batch_size):
-            idx = perm[i : i + config.batch_size]
-            h = backbone(x[idx])
-            loss = (h - target[y[idx]]).pow(2).sum() / (2 * len(idx))
-            if not torch.isfinite(loss):
-                raise DivergenceError(f"fitting the backbone to the optimal H1 diverged (epoch {epoch + 1})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+        try:
+            run_epoch(batch_loss, opt, x, y, config=fit_config, epoch=epoch, generator=gen)
+        except DivergenceError as e:
+            raise DivergenceError(f"fitting the backbone to the optimal H1 diverged: {e}") from None
         if progress is not None:
             progress(epoch + 1)
+    return _fit_report(backbone, data, means, ws, cfg, device=device, epochs=epochs)
 
-    def rel_err(xs: Tensor, ys: Tensor) -> tuple[float, Tensor]:
-        h1, _, _ = collect_features(net, xs.to(device))
-        h1 = h1.double().cpu()
-        t = target.double().cpu()[ys]
-        return float(torch.linalg.matrix_norm(h1 - t) / torch.linalg.matrix_norm(t)), h1
 
-    err_train, h1_train = rel_err(data.x_train, data.y_train)
-    err_test, h1_test = rel_err(data.x_test, data.y_test)
-    y_mat = nn.functional.one_hot(data.y_train, k).T.double()
-    ws = [w.double().cpu() for w in w_star]
-    total, fit, reg = objective(h1_train.T, ws, y_mat, cfg.lambda_h, cfg.lambdas_w)
-    dnc = theory.dnc_loss(num_classes=k, num_layers=cfg.num_layers, n=n, lambda_h=cfg.lambda_h, lambda_w=cfg.lambdas_w)
+@torch.no_grad()
+def _fit_report(
+    backbone: nn.Module, data: Dataset, means: Tensor, ws: list[Tensor], cfg: DUFMConfig, *, device: torch.device,
+    epochs: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Errors of the fitted features, their DUFM objective under the optimal head, that head's accuracies."""
+    backbone.eval()
+    target = means.double()
+
+    def features(xs: Tensor) -> Tensor:
+        return torch.cat([backbone(xs[i : i + 512].to(device)) for i in range(0, len(xs), 512)]).double().cpu()
+
+    def rel_err(h1: Tensor, ys: Tensor) -> float:
+        return float(torch.linalg.matrix_norm(h1 - target[ys]) / torch.linalg.matrix_norm(target[ys]))
 
     def acc(h1: Tensor, ys: Tensor) -> float:
-        out = h1.T
-        for w in ws[:-1]:
-            out = torch.relu(w @ out)
-        return float(((ws[-1] @ out).argmax(0) == ys).double().mean())
+        return float((forward(h1.T, ws)[2].argmax(0) == ys).double().mean())
 
+    h_tr, h_te = features(data.x_train), features(data.x_test)
+    y_mat = label_matrix([data.n_per_class] * data.num_classes)
+    total, fit, reg = objective(h_tr.T, ws, y_mat, cfg.lambda_h, cfg.lambdas_w)
+    dnc = theory.dnc_loss(num_classes=cfg.num_classes, num_layers=cfg.num_layers, n=cfg.n, lambda_h=cfg.lambda_h,
+                          lambda_w=cfg.lambdas_w)  # fmt: skip
     return {
         "epochs": epochs,
-        "rel_error_train": err_train,
-        "rel_error_test": err_test,
+        "rel_error_train": rel_err(h_tr, data.y_train),
+        "rel_error_test": rel_err(h_te, data.y_test),
         "loss": float(total),
         "fit": float(fit),
         "reg": float(reg),
         "dnc_loss": dnc,
         "gap": (float(total) - dnc) / dnc if dnc > 0 else None,
-        "train_accuracy": acc(h1_train, data.y_train),
-        "test_accuracy": acc(h1_test, data.y_test),
+        "train_accuracy": acc(h_tr, data.y_train),
+        "test_accuracy": acc(h_te, data.y_test),
         "target_mean_norm": float(means.norm(dim=1).mean()),
     }
 
@@ -565,112 +611,117 @@ def _train(
     data: Dataset | None,
     log: Callable[[str], None] | None,
 ) -> TrainResult:
-    say = log or (lambda _msg: None)
     out = prepare_out_dir(out, overwrite=overwrite, resume=resume)
     device = _resolve_device(config.device)
-    if device.type == "cuda":  # repeatable convolutions, so a resumed run follows the same path
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    if data is None:
-        data = load_dataset(config.data)
-    k, n_train = data.num_classes, len(data.y_train)
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed % 2**32)
-    random.seed(config.seed)
-    model = build_net(config.net, input_shape=data.input_shape, num_classes=k).to(device)
-    params_b = list(model.backbone.parameters())
-    head_w = model.head.weights()
-    head_params = list(model.head.parameters())
-    opt_cls = torch.optim.SGD if config.optimizer == "sgd" else torch.optim.Adam
-    opt_kw: dict[str, Any] = {"momentum": config.momentum} if config.optimizer == "sgd" else {}
-    optimizer = opt_cls(model.parameters(), lr=config.lr, **opt_kw)
-    gen = torch.Generator().manual_seed(config.seed)
-    history: list[dict[str, Any]] = []
-    start = 0
-    ck_path = out / CHECKPOINT
-    if resume and ck_path.exists():
-        ck = _load_checkpoint(ck_path, config)
-        try:
-            model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise DeepCollapseError(f"--resume: {ck_path} does not fit this model: {str(e).splitlines()[0]}") from None
-        history = list(ck["history"])
-        start = int(ck["epoch"])
-        _set_rng_state(ck["rng"], gen)
-        say(f"resuming {out} after epoch {start}")
-    elif resume:
-        say(f"nothing to resume in {out}: starting a new run")
+    data = data if data is not None else load_dataset(config.data)
+    model, optimizer, gen = _setup(config, data, device)
+    history, start = _restore(out, config, model, optimizer, gen, resume=resume, say=log or (lambda _m: None))
     write_json(out / "config.json", {**config.to_dict(), "dataset": data.describe()})
-    x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
-    x_te, y_te = data.x_test.to(device), data.y_test.to(device)
-    m_idx = _measure_indices(data.y_train, k, config.measure_per_class).to(device)
     end = config.epochs if stop_after is None else min(config.epochs, stop_after)
-    steps = math.ceil(n_train / config.batch_size)
     bar = _progress(progress)
+    steps = math.ceil(len(data.y_train) / config.batch_size)
     task = bar.add_task("training", total=(end - start) * steps) if bar is not None else None
-    t0 = time.perf_counter()
     try:
         for epoch in range(start, end):
-            model.train()
-            perm = torch.randperm(n_train, generator=gen).to(device)
-            sums: dict[str, float] = {}
-            correct = 0
-            for b, i in enumerate(range(0, n_train, config.batch_size)):
-                idx = perm[i : i + config.batch_size]
-                lr = lr_at(epoch, config, step=b, steps=steps)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                h1, _, out_b = model(x_tr[idx])
-                terms = loss_terms(
-                    h1, out_b, y_tr[idx], head_params if config.net.head_bias else head_w, params_b,
-                    num_samples=n_train, lambda_w=config.lambda_w, lambda_h=config.lambda_h,
-                    backbone_wd=config.backbone_wd, loss=config.loss,
-                )  # fmt: skip
-                if not torch.isfinite(terms["total"]):
-                    last = f"epoch {epoch}" if epoch > 0 else "none"
-                    kept = f"; the last good checkpoint ({last}) is kept in {ck_path}" if epoch > 0 else ""
-                    raise DivergenceError(
-                        f"the loss became {terms['total'].item()} at epoch {epoch + 1}, batch {b + 1}{kept};"
-                        " lower --lr or the λ's"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                terms["total"].backward()
-                optimizer.step()
-                for key, v in terms.items():
-                    sums[key] = sums.get(key, 0.0) + v.item() * len(idx)
-                correct += int((out_b.argmax(1) == y_tr[idx]).sum())
-                if bar is not None:
-                    bar.advance(task)
-            row = _epoch_row(model, config, epoch, lr, sums, correct, n_train, x_tr, y_tr, x_te, y_te, m_idx, k)
-            row["time_s"] = time.perf_counter() - t0
+            row = _train_epoch(model, optimizer, data, config, epoch, gen, device,
+                               on_batch=None if bar is None else lambda: bar.advance(task))  # fmt: skip
+            row["time_s"] = (history[-1]["time_s"] if history else 0.0) + row.pop("seconds")
             history.append(row)
-            ckpt = {
-                "format": 1,
-                "config": config.to_dict(),
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "history": history,
-                "rng": _rng_state(gen),
-            }
-            save_torch(ck_path, ckpt)
-            write_csv(out / "history.csv", history)
+            _save_epoch(out, config, epoch, model, optimizer, history, gen)
             if bar is not None:
-                last = layer_names(config.net.head_layers)[-2]
-                bar.update(
-                    task,
-                    description=f"epoch {epoch + 1}/{config.epochs} loss {row['loss']:.4f} "
-                    f"train {row['train_acc']:.3f} test {row['test_acc']:.3f} "
-                    f"nc1_{last} {row.get('nc1_' + last, 0):.2e}",
-                )
+                bar.update(task, description=_bar_text(row, config))
     finally:
         if bar is not None:
             bar.stop()
     if end < config.epochs:
         return TrainResult(history, {}, out, stopped_early=True)
-    summary = _finish(model, data, config, history, out, device)
-    return TrainResult(history, summary, out)
+    return TrainResult(history, _finish(model, data, config, history, out, device), out)
+
+
+def _setup(config: TrainConfig, data: Dataset, device: torch.device) -> tuple[DUFMNet, Any, torch.Generator]:
+    """The seeded network, its optimizer and the generator of the data order."""
+    if device.type == "cuda":  # repeatable convolutions, so a resumed run follows the same path
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    random.seed(config.seed)
+    model = build_net(config.net, input_shape=data.input_shape, num_classes=data.num_classes).to(device)
+    if config.optimizer == "sgd":
+        optimizer: Any = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    return model, optimizer, torch.Generator().manual_seed(config.seed)
+
+
+def _restore(
+    out: Path, config: TrainConfig, model: DUFMNet, optimizer: Any, gen: torch.Generator, *, resume: bool,
+    say: Callable[[str], None],
+) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
+    """``(history, first epoch)`` from ``out/checkpoint.pt`` when resuming (model, optimizer, RNGs restored)."""
+    ck_path = out / CHECKPOINT
+    if not resume:
+        return [], 0
+    if not ck_path.exists():
+        say(f"nothing to resume in {out}: starting a new run")
+        return [], 0
+    ck = _load_checkpoint(ck_path, config)
+    try:
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise DeepCollapseError(f"--resume: {ck_path} does not fit this model: {str(e).splitlines()[0]}") from None
+    _set_rng_state(ck["rng"], gen)
+    say(f"resuming {out} after epoch {int(ck['epoch'])}")
+    return list(ck["history"]), int(ck["epoch"])
+
+
+def _train_epoch(
+    model: DUFMNet, optimizer: Any, data: Dataset, config: TrainConfig, epoch: int, gen: torch.Generator,
+    device: torch.device, *, on_batch: Callable[[], None] | None,
+) -> dict[str, Any]:  # fmt: skip
+    """One epoch of :func:`run_epoch` on the DUFM training loss (:func:`loss_terms`), then its history row."""
+    t0 = time.perf_counter()
+    n_train = len(data.y_train)
+    head = model.head.parameters() if config.net.head_bias else model.head.weights()
+    head, backbone = list(head), list(model.backbone.parameters())
+
+    def batch_loss(xb: Tensor, yb: Tensor) -> tuple[dict[str, Tensor], int]:
+        h1, _, out_b = model(xb)
+        terms = loss_terms(h1, out_b, yb, head, backbone, num_samples=n_train, lambda_w=config.lambda_w,
+                           lambda_h=config.lambda_h, backbone_wd=config.backbone_wd, loss=config.loss)  # fmt: skip
+        return terms, int((out_b.argmax(1) == yb).sum())
+
+    model.train()
+    x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
+    try:
+        sums, correct, lr = run_epoch(batch_loss, optimizer, x_tr, y_tr, config=config, epoch=epoch, generator=gen,
+                                      on_batch=on_batch)  # fmt: skip
+    except DivergenceError as e:
+        kept = f"; the last good checkpoint (epoch {epoch}) is kept" if epoch > 0 else ""
+        raise DivergenceError(f"{e}{kept}; lower --lr or the λ's") from None
+    row = _epoch_row(model, config, epoch, lr, sums, correct, data, device)
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def _save_epoch(
+    out: Path, config: TrainConfig, epoch: int, model: DUFMNet, optimizer: Any, history: list[dict[str, Any]],
+    gen: torch.Generator,
+) -> None:  # fmt: skip
+    """``checkpoint.pt`` (everything a resume needs) and ``history.csv`` after an epoch, atomically."""
+    ckpt = {"format": 1, "config": config.to_dict(), "epoch": epoch + 1, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "history": history, "rng": _rng_state(gen)}  # fmt: skip
+    save_torch(out / CHECKPOINT, ckpt)
+    write_csv(out / "history.csv", history)
+
+
+def _bar_text(row: dict[str, Any], config: TrainConfig) -> str:
+    last = layer_names(config.net.head_layers)[-2]
+    return (
+        f"epoch {row['epoch']}/{config.epochs} loss {row['loss']:.4f} train {row['train_acc']:.3f} "
+        f"test {row['test_acc']:.3f} nc1_{last} {row.get('nc1_' + last, 0):.2e}"
+    )
 
 
 def _progress(enabled: bool) -> Any:
@@ -690,15 +741,14 @@ def _epoch_row(
     lr: float,
     sums: dict[str, float],
     correct: int,
-    n_train: int,
-    x_tr: Tensor,
-    y_tr: Tensor,
-    x_te: Tensor,
-    y_te: Tensor,
-    m_idx: Tensor,
-    k: int,
+    data: Dataset,
+    device: torch.device,
 ) -> dict[str, Any]:
     """One line of ``history.csv``: epoch averages of the loss parts, accuracies, DUFM estimate, metrics."""
+    k, n_train = data.num_classes, len(data.y_train)
+    x_tr, y_tr = data.x_train.to(device), data.y_train.to(device)
+    x_te, y_te = data.x_test.to(device), data.y_test.to(device)
+    m_idx = _measure_indices(data.y_train, k, config.measure_per_class).to(device)
     row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
     for key in ("total", "fit", "reg_w", "reg_h1", "reg_backbone"):
         row["loss" if key == "total" else key] = sums[key] / n_train
@@ -739,10 +789,6 @@ def _finish(
     _, _, out_te = collect_features(model, data.x_test.to(device))
     _, layers = epoch_metrics([h1, *hidden, outp], y, k, model.head.weights())
     theory_block = compare_with_theory(h1, model.head.weights(), data.y_train, config, num_classes=k)
-    analysis = None
-    if "skipped" not in theory_block:
-        cfg = _dufm_config(config, num_classes=k, n=data.n_per_class)
-        analysis = analyze_solution(h1.T, model.head.weights(), cfg)
     fit_block: dict[str, Any] | None = None
     if config.fit_optimal_epochs > 0 and not config.net.head_bias:
         fit_block = fit_to_optimal(data, config, device=device, epochs=config.fit_optimal_epochs)
@@ -759,7 +805,6 @@ def _finish(
         "nc1_first_epoch": {nm: first.get(f"nc1_{nm}") for nm in names},
         "nc1_last_epoch": {nm: last.get(f"nc1_{nm}") for nm in names},
         "theory": theory_block,
-        "analysis": analysis,
         "fit_optimal": fit_block,
         "config": config.to_dict(),
     }
