@@ -205,12 +205,12 @@ class Centres:
     dist2: Tensor | None = None
 
 
-def centres(means: Tensor, counts: Tensor | None = None, *, pairwise: bool = True) -> Centres:
+def centres(means: Tensor, counts: Tensor | None = None, *, pairwise: bool = False) -> Centres:
     """Pass-2 reference built once from the final class means.
 
     ``r`` is the sample mean ``Σ_c n_c μ_c / N`` (the plain average of the means without ``counts``); any
-    ``r`` gives the same NC1, a central one avoids cancellation. ``pairwise`` computes the ``K x K`` distances
-    (without the Gram trick).
+    ``r`` gives the same NC1, a central one avoids cancellation. ``pairwise`` also computes the ``K x K`` distances
+    (without the Gram trick) for the Gram path's NCC rule: O(K²) memory, so off by default.
     """
     m = means.to(F64)
     w = torch.full((m.shape[0],), 1.0 / m.shape[0], dtype=F64, device=m.device)
