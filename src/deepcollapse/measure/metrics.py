@@ -297,8 +297,8 @@ class PairSummary:
 def _cdnv_block(v_rows: Tensor, v: Tensor, sq_rows: Tensor, sq: Tensor, g: Tensor) -> Tensor:
     """CDNV entries ``(Var_a + Var_b) / (2 ||μ_a - μ_b||²)`` from a Gram block ``g`` of the centred means
     (``||μ_a - μ_b||² = G_aa + G_bb - 2 G_ab``)."""
-    d2 = (sq_rows[:, None] + sq[None, :] - 2.0 * g).clamp_min(0.0)
-    return (v_rows[:, None] + v[None, :]) / (2.0 * d2)
+    twice_d2 = torch.add(sq_rows[:, None], sq[None, :]).sub_(g, alpha=2.0).clamp_min_(0.0).mul_(2.0)
+    return torch.add(v_rows[:, None], v[None, :]).div_(twice_d2)
 
 
 def _frobenius_of_gram(x: Tensor) -> float:
@@ -330,21 +330,21 @@ def pair_summary(
     row_arg = torch.zeros(k, dtype=torch.int64, device=mbar.device)
     v = stats.within_trace
     for rows, g in row_blocks(mbar, mbar, tile_bytes):
-        idx = torch.arange(rows.start, rows.stop, device=g.device)
-        diag = (torch.arange(len(idx), device=g.device), idx)
-        etf = g / g_c + 1.0 / (k * t_etf)  # G/||G|| - (I - 11^T/K)/sqrt(K-1), off the diagonal first
-        etf[diag] -= 1.0 / t_etf
-        etf2 += float(etf.pow(2).sum())
-        orth = (g + a[rows, None] + a[None, :] + mu2) / g_u
-        orth[diag] -= 1.0 / t_orth
-        orth2 += float(orth.pow(2).sum())
-        off = torch.ones_like(g, dtype=torch.bool)
-        off[diag] = False
-        dev = (g / (norms[rows, None] * norms[None, :]) - c0)[off]
-        dev1, dev2, absdev = dev1 + float(dev.sum()), dev2 + float(dev.pow(2).sum()), absdev + float(dev.abs().sum())
-        ratio = _cdnv_block(v[rows], v, sq[rows], sq, g)
-        rows_cdnv[rows] = torch.where(off, ratio, torch.zeros_like(ratio)).sum(1)
-        row_max[rows], row_arg[rows] = torch.where(off, ratio, torch.full_like(ratio, -math.inf)).max(1)
+        diag = (torch.arange(g.shape[0], device=g.device), torch.arange(rows.start, rows.stop, device=g.device))
+        x = g / g_c + 1.0 / (k * t_etf)  # G/||G|| - (I - 11^T/K)/sqrt(K-1), off the diagonal first
+        x[diag] -= 1.0 / t_etf
+        etf2 += float(x.pow_(2).sum())
+        x = torch.add(g, a[rows, None]).add_(a[None, :]).add_(mu2).div_(g_u)  # M M^T / ||M M^T||
+        x[diag] -= 1.0 / t_orth
+        orth2 += float(x.pow_(2).sum())
+        x = torch.div(g, norms[rows, None]).div_(norms[None, :]).sub_(c0)  # cos - c0, 0 on the diagonal
+        x[diag] = 0.0
+        dev1, absdev, dev2 = dev1 + float(x.sum()), absdev + float(x.abs().sum()), dev2 + float(x.pow_(2).sum())
+        x = _cdnv_block(v[rows], v, sq[rows], sq, g)
+        x[diag] = -math.inf
+        row_max[rows], row_arg[rows] = x.max(1)
+        x[diag] = 0.0
+        rows_cdnv[rows] = x.sum(1)
     pairs = k * (k - 1)
     mean_dev = dev1 / pairs
     nan = float("nan")
