@@ -30,8 +30,9 @@ bank of pre-generated blocks: a stand-in for reading stored features; its time i
 * **nc1** -- NC1 alone through the library's default path (``accumulate_stats(..., ncc=False)`` and
   :func:`~deepcollapse.measure.metrics.nc1`): the like-for-like comparison with the anchor, which computes
   only NC1 (``measure`` also pays the O(N·D·K) nearest-class-centre counts and every other metric).
-* **bound** -- the flop bound: one float32 ``(N x D) @ (D x min(D, K))`` product (the work an exact
-  ``O(N·D·min(D, K))`` method cannot avoid), timed on the same sizes in row blocks of the batch size.
+* **bound** -- the flop bound: one ``(N x D) @ (D x min(D, K))`` product (the work an exact
+  ``O(N·D·min(D, K))`` method cannot avoid), timed on the same sizes in row blocks of the batch size, in
+  float32 (the features' precision) and in float64 (the precision the package keeps its products in).
 
 Ratios printed: anchor / measure and anchor / nc1 (end to end, and with the source's time removed from
 both) and measure / bound, nc1 / bound (source removed). Peak memory is each process's peak resident set
@@ -166,21 +167,25 @@ def measure_on_device(cfg: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def bound(cfg: dict[str, Any]) -> dict[str, float]:
-    """The flop bound: float32 (N x D) @ (D x min(D, K)) in row blocks of the batch size (source excluded)."""
-    d, k, dev = cfg["d"], cfg["k"], cfg["device"]
-    right = torch.randn(d, min(d, k), device=dev)
-    acc = torch.zeros(min(d, k), device=dev)
-    acc += (NOISE[0] @ right)[0]  # warm-up, untimed
+def _matmul_gflops(cfg: dict[str, Any], dtype: torch.dtype) -> float:
+    """GFLOP/s of (N x D) @ (D x min(D, K)) in ``dtype``, in row blocks of the batch size."""
+    d, k, dev, batch = cfg["d"], cfg["k"], cfg["device"], cfg["batch"]
+    right = torch.randn(d, min(d, k), device=dev, dtype=dtype)
+    blocks = [x.to(dtype) for x in NOISE]
+    acc = blocks[0] @ right  # warm-up, untimed
     _sync(dev)
     t = time.perf_counter()
-    for i in range(0, cfg["n"], cfg["batch"]):
-        h = NOISE[(i // cfg["batch"]) % NOISE_BLOCKS][: min(cfg["batch"], cfg["n"] - i)]
-        acc += (h @ right)[0]
+    for i in range(0, cfg["n"], batch):
+        acc = blocks[(i // batch) % NOISE_BLOCKS][: min(batch, cfg["n"] - i)] @ right
     _sync(dev)
-    seconds = time.perf_counter() - t
-    flops = 2.0 * cfg["n"] * d * min(d, k)
-    return {"gflops": flops / seconds / 1e9}
+    del acc
+    return 2.0 * cfg["n"] * d * min(d, k) / (time.perf_counter() - t) / 1e9
+
+
+def bound(cfg: dict[str, Any]) -> dict[str, float]:
+    """The flop bound: (N x D) @ (D x min(D, K)) timed in float32 (the features' precision) and in float64
+    (the precision of the package's products, see docs/conventions.md), source excluded."""
+    return {"gflops": _matmul_gflops(cfg, torch.float32), "gflops64": _matmul_gflops(cfg, torch.float64)}
 
 
 def _rss_bytes() -> int:
@@ -244,10 +249,13 @@ def scenario(name: str, cfg: dict[str, Any]) -> None:
             f"  {m:<8} {r['seconds']:8.2f} s end to end ({r['source_seconds']:.2f} s in the source, {compute:.2f} s"
             f" computing), peak extra memory {r['peak_bytes'] / 2**20:,.0f} MiB"
         )
+    flops = 2.0 * n * d * min(d, k)
     if "bound" in res and "error" not in res["bound"]:
-        gf = res["bound"]["metrics"]["gflops"]
-        t_bound = 2.0 * n * d * min(d, k) / gf / 1e9
-        print(f"  bound    {gf:8.1f} GFLOP/s float32 -> {t_bound:.2f} s for one N·D·min(D,K) product")
+        gf, gf64 = res["bound"]["metrics"]["gflops"], res["bound"]["metrics"]["gflops64"]
+        print(
+            f"  bound    {gf:8.1f} GFLOP/s float32 -> {flops / gf / 1e9:.2f} s for one N·D·min(D,K) product;"
+            f" {gf64:.1f} GFLOP/s float64 -> {flops / gf64 / 1e9:.2f} s"
+        )
     a = res.get("anchor")
     for name in ("measure", "nc1"):
         m = res.get(name)
@@ -260,8 +268,9 @@ def scenario(name: str, cfg: dict[str, Any]) -> None:
                 f" NC1 {nc1_m:.10g} vs {nc1_a:.10g} (rel diff {abs(nc1_m - nc1_a) / abs(nc1_m):.1e})"
             )
         if m and "error" not in m and "bound" in res and "error" not in res["bound"]:
-            t_bound = 2.0 * n * d * min(d, k) / res["bound"]["metrics"]["gflops"] / 1e9
-            print(f"  {name} computing / bound: x{(m['seconds'] - m['source_seconds']) / t_bound:.2f}")
+            compute = m["seconds"] - m["source_seconds"]
+            t32, t64 = (flops / res["bound"]["metrics"][g] / 1e9 for g in ("gflops", "gflops64"))
+            print(f"  {name} computing / bound: x{compute / t32:.2f} (float32 product), x{compute / t64:.2f} (float64)")
     if m and "error" not in m and cfg.get("limit_gib"):
         ok = m["peak_bytes"] <= cfg["limit_gib"] * 2**30
         print(f"  peak memory {m['peak_bytes'] / 2**30:.2f} GiB ({'within' if ok else 'ABOVE'} {cfg['limit_gib']} GiB)")
