@@ -14,7 +14,7 @@ import torch
 from deepcollapse.dufm.model import DUFM, DUFMConfig
 from deepcollapse.dufm.solve import SolverConfig, solve
 from deepcollapse.files import to_jsonable
-from deepcollapse.theory.analysis import VERDICTS, analyze_solution, plot_spectra, verdict
+from deepcollapse.theory.analysis import VERDICTS, analyze_solution, dnc_checks, plot_spectra, verdict
 from deepcollapse.theory.closed_form import optimal_parameters, zero_threshold
 from deepcollapse.theory.lowrank import srg_parameters
 
@@ -174,3 +174,32 @@ def test_plot_spectra(tmp_path):
     h1, ws = optimal_parameters(cfg)
     path = plot_spectra(analyze_solution(h1, ws, cfg, srg=False), tmp_path / "s.png")
     assert path.exists() and path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "field, layer, value, check",
+    [
+        ("gap", None, 2e-3, "gap"),
+        ("gap", None, -2e-3, "gap"),
+        ("nc1", 0, 2e-3, "nc1"),
+        ("nc1", 3, 2e-3, "nc1"),
+        ("nc1", 2, math.nan, "nc1"),
+        ("orth_frame", 1, 0.04, "orth_frame"),
+        ("orth_frame", 3, 0.04, "orth_frame"),
+        ("mean_norm_rel_err", 0, 0.04, "norms"),
+        ("weight_norm_rel_err", 3, 0.04, "norms"),
+        ("s_rel_err", None, 0.04, "norms"),
+    ],
+)
+def test_each_dnc_condition_is_checked(field, layer, value, check):
+    """One quantity of an exact optimum's record pushed past its bound (tol 1e-3; distances √tol ≈ 0.0316)
+    fails its check and the verdict; just inside the bound it passes."""
+    cfg = _cfg(3, 4)
+    h, ws = optimal_parameters(cfg)
+    a = analyze_solution(h, ws, cfg, srg=False)
+    target = a if layer is None else a["layers"][layer]
+    target[field] = value
+    assert dnc_checks(a, tol=1e-3)[check] is False and verdict(a) == "other"
+    if math.isfinite(value):
+        target[field] = value / 2 if check in ("gap", "nc1") else 0.031
+        assert dnc_checks(a, tol=1e-3)[check] is True and verdict(a) == "dnc"

@@ -1,5 +1,6 @@
 """The deep unconstrained features model: the model and its one objective (:mod:`.model`), the solvers
-(:mod:`.solve`) and the batched trainer for many small DUFMs at once (:mod:`.batched`).
+(:mod:`.solve`), the batched trainer for many small DUFMs at once (:mod:`.batched`) and the stopping rules
+all of them share (:mod:`.stopping`).
 
 May use :mod:`deepcollapse.measure`; never the theory, nets, experiments or CLI.
 """

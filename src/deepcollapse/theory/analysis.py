@@ -51,7 +51,7 @@ from deepcollapse.measure import metrics as M
 from deepcollapse.theory.closed_form import check
 from deepcollapse.theory.lowrank import srg_loss, srg_order
 
-__all__ = ["VERDICTS", "analyze_solution", "plot_spectra", "verdict"]
+__all__ = ["VERDICTS", "analyze_solution", "dnc_checks", "plot_spectra", "verdict"]
 
 #: Every verdict :func:`analyze_solution` can give.
 VERDICTS = ("dnc", "zero", "low-rank", "other", "diverged")
