@@ -80,6 +80,7 @@ def summarize(model: DUFM, result: SolveResult, solver: SolverConfig) -> dict[st
     cfg = model.config
     th = _theory_block(cfg)
     main, pre = _layer_entries(result.layers)
+    analysis = analyze_solution(model.h1, list(model.weights), cfg)
     return {
         "status": "finished",
         "final_loss": result.loss,
@@ -96,10 +97,11 @@ def summarize(model: DUFM, result: SolveResult, solver: SolverConfig) -> dict[st
         },
         "optimizer": solver.optimizer,
         "theory": th,
-        "gap": result.gap,
+        "gap": analysis["gap"],  # the record's (float64) gap; the certificate's is the solver's own
+        "verdict": analysis["verdict"],
         "layers": main,
         "pre_activation": pre,
-        "analysis": analyze_solution(model.h1, list(model.weights), cfg),
+        "analysis": analysis,
     }
 
 
