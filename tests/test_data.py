@@ -14,6 +14,7 @@ from deepcollapse._validate import DeepCollapseError
 from deepcollapse.nets.data import (
     FASHION_MNIST_DIR,
     DataConfig,
+    check_cifar10,
     load_dataset,
     read_idx,
     take_per_class,
@@ -95,9 +96,17 @@ def test_cifar_batches(tmp_path: Path) -> None:
         (root / name).write_bytes(pickle.dumps(batch))
     ds = load_dataset(DataConfig(name="cifar10", root=str(tmp_path), per_class=8))
     assert ds.x_train.shape == (80, 3, 32, 32) and ds.num_classes == 10 and len(ds.y_test) == 20
+    assert check_cifar10(tmp_path) == root and check_cifar10(root) == root
     (root / "test_batch").write_bytes(b"not a pickle")
     with pytest.raises(DeepCollapseError, match="not a CIFAR python batch"):
         load_dataset(DataConfig(name="cifar10", root=str(root)))
+    with pytest.raises(DeepCollapseError, match="not a CIFAR python batch"):
+        check_cifar10(root)
+    (root / "data_batch_3").unlink()
+    with pytest.raises(DeepCollapseError, match=r"holds no CIFAR-10 python batches \(missing data_batch_3;"):
+        check_cifar10(tmp_path)
+    with pytest.raises(DeepCollapseError, match="is not a directory"):
+        check_cifar10(tmp_path / "nowhere")
 
 
 def test_cifar100(tmp_path: Path) -> None:
