@@ -10,7 +10,8 @@ from torch import nn
 from deepcollapse import DNCProbe
 from deepcollapse._validate import DeepCollapseError
 from deepcollapse.measure.probe import resolve_layers
-from reference import np_dnc
+from deepcollapse.measure.stats import RTOL_FACTOR
+from reference import np_conventions
 
 K = 10
 
@@ -53,7 +54,9 @@ def cnn() -> nn.Sequential:
     ).double()
 
 
-METRIC_KEYS = ("nc1", "nc2_etf", "nc2_orth", "cdnv", "rank", "dim", "nc3", "nc3_duality")
+METRIC_KEYS = ("nc1", "nc1_quotient", "nc2_etf", "nc2_orth", "nc2_equinorm", "cdnv", "rank", "ncc_accuracy", "nc4")
+WEIGHT_KEYS = ("nc3_span", "nc3_duality", "nc3_duality_uncentred", "nc3_zhu")
+EPS = {np.dtype(np.float64): float(np.finfo(np.float64).eps), np.dtype(np.float32): float(np.finfo(np.float32).eps)}
 
 
 def np_ncc(h: np.ndarray, means: np.ndarray) -> np.ndarray:
@@ -70,16 +73,18 @@ def np_metrics(
     inp: np.ndarray | None,
     *,
     pred: np.ndarray | None = None,
-    means: np.ndarray | None = None,
+    bias: bool = True,
 ) -> dict:
-    """The metrics the probe reports, from the shared numpy reference on all features at once; NCC accuracy
-    and Papyan's NC4 (NCC != the model's prediction ``pred``) against ``means`` (default: h's own)."""
-    ref = np_dnc(h, y, k, weight=weight, inp=inp)
+    """The metrics the probe reports, from the shared numpy reference on all features at once: those of ``h``
+    (NC4 against the model's predictions ``pred``), and NC3 of ``weight`` with the class means of its input
+    ``inp`` (self-duality centred with a ``bias``, uncentred without)."""
+    ref = np_conventions(h, y, eps_in=EPS[h.dtype], factor=RTOL_FACTOR, pred=pred)
     out = {key: ref[key] for key in METRIC_KEYS if key in ref}
-    ncc = np_ncc(h, ref["means"] if means is None else means)
-    out["ncc_accuracy"] = float((ncc == y).mean())
-    if pred is not None:
-        out["nc4"] = float((ncc != pred).mean())
+    out["dim"] = float(h.reshape(len(h), -1).shape[1])
+    if weight is not None and inp is not None:
+        wref = np_conventions(inp, y, eps_in=EPS[inp.dtype], factor=RTOL_FACTOR, weight=weight.astype(np.float64))
+        drop = "nc3_duality_uncentred" if bias else "nc3_duality"
+        out |= {key: wref[key] for key in WEIGHT_KEYS if key in wref and key != drop}
     return out
 
 
@@ -115,7 +120,7 @@ def test_mlp_matches_numpy_in_any_batch_size(digits, size: int) -> None:
     model = mlp()
     res = DNCProbe(model, layers=("linear", "relu"), num_classes=K).measure(loader(x, y, size))
     assert list(res) == ["0", "1", "2", "3", "4"]
-    assert "nc3" in res["0"] and "nc3_duality" in res["4"] and "nc3" not in res["1"]
+    assert "nc3_span" in res["0"] and "nc3_duality" in res["4"] and "nc3_span" not in res["1"]
     assert_matches(res, reference(model, x, y))
     assert no_hooks(model)
 
@@ -127,7 +132,7 @@ def test_cnn_matches_numpy(digits, size: int) -> None:
     probe = DNCProbe(model, layers=[nn.Conv2d, "relu", "3", "linear"], num_classes=K, cov="light")
     res = probe.measure(loader(x, y, size))
     assert list(res) == ["1", "2", "3", "5", "6", "7"]
-    assert res["1"]["dim"] == 4 * 6 * 6 and "nc3" not in res["1"]  # conv weights: no NC3
+    assert res["1"]["dim"] == 4 * 6 * 6 and "nc3_span" not in res["1"]  # conv weights: no NC3
     assert_matches(res, reference(model, x, y))
     assert probe.stats["1"].sigma_w is None
 
@@ -137,7 +142,11 @@ def test_one_pass_matches_two_passes_without_nc4(digits) -> None:
     model = mlp()
     two = DNCProbe(model, layers="relu", num_classes=K).measure(loader(x, y, 64))
     one = DNCProbe(model, layers="relu", num_classes=K, passes=1).measure(iter(loader(x, y, 64)))
-    assert list(two) == ["1", "3", "4"] and list(two["4"]) == ["nc3_duality"]  # "4": the classifier, not probed
+    assert list(two) == ["1", "3", "4"] and sorted(two["4"]) == [
+        "nc3_duality",
+        "nc3_span",
+        "nc3_zhu",
+    ]  # "4": the classifier, not probed
     for name in ("1", "3"):
         assert "nc4" not in one[name] and "ncc_accuracy" not in one[name]  # no means before the only pass
         for key in ("nc1", "nc2_etf", "nc2_orth", "cdnv"):
@@ -275,8 +284,9 @@ def test_bad_input_messages(digits) -> None:
         probe.measure(iter(loader(x, y, 100)))
     few = y.clone()
     few[few == 7] = 3
-    with pytest.raises(DeepCollapseError, match=r"layer '0': class\(es\) \[7\] have no samples"):
+    with pytest.warns(UserWarning, match=r"class\(es\) \[7\] have no samples; measuring the 9 classes") as caught:
         probe.measure(loader(x, few, 100))
+    assert len(caught) == 1 and probe.stats["4"].class_ids == [0, 1, 2, 3, 4, 5, 6, 8, 9]
     with pytest.raises(
         DeepCollapseError,
         match=r"must yield \(inputs, labels\) pairs, dicts with a label key, or use batch_fn; got Tensor",
@@ -337,7 +347,7 @@ def test_cuda_probe_matches_cpu(digits) -> None:
     gpu = probe.measure(loader(x, y, 64))  # inputs moved to the model's device
     assert probe.stats["7"].means.device.type == "cuda"
     for name in cpu:
-        for key in ("nc1", "nc2_etf", "nc3", "cdnv"):
+        for key in ("nc1", "nc2_etf", "nc3_span", "cdnv"):
             if key in cpu[name]:
                 assert gpu[name][key] == pytest.approx(cpu[name][key], rel=1e-7), (name, key)
 
@@ -398,13 +408,9 @@ def resnetish_reference(model: ResNetish, x: torch.Tensor, y: torch.Tensor) -> d
         "layer1.relu#1": np_metrics(a.numpy(), yn, K, None, None, pred=pred),
         "layer1.relu#2": np_metrics(c.numpy(), yn, K, None, None, pred=pred),
         "pool.1": np_metrics(feat.numpy(), yn, K, None, None, pred=pred),
-        "fc": np_metrics(logits.numpy(), yn, K, w, feat.numpy(), pred=pred),
+        "fc": np_metrics(logits.numpy(), yn, K, w, feat.numpy(), pred=pred, bias=model.fc.bias is not None),
     }
-    means = np.stack([feat.numpy()[yn == c].mean(0) for c in range(K)])
-    if model.fc.bias is not None:
-        means = means - feat.numpy().mean(0)  # Papyan's self-duality: centred means with a bias ...
-    out["fc"]["nc3_duality"] = float(np.linalg.norm(w / np.linalg.norm(w) - means / np.linalg.norm(means)))
-    return out  # ... and uncentred ones for a bias-free classifier
+    return out
 
 
 def state_of(model: nn.Module) -> tuple[dict, list[bool]]:

@@ -480,6 +480,15 @@ def _all_reduce(state: Any) -> Any:
     return replace(state, **out)
 
 
+def _agree_nc4(state: SpreadState) -> SpreadState:
+    """NC4 counts start with the first batch that has predictions: a rank without one joins with zeros."""
+    flag = torch.tensor([state.nc4_disagree is not None], dtype=I64, device=_dist_device())
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if bool(flag) and state.nc4_disagree is None:
+        return replace(state, nc4_disagree=torch.zeros_like(state.within_sq, dtype=I64))
+    return state
+
+
 def _all_reduce_welford(state: WelfordState) -> WelfordState:
     counts = state.counts.clone()
     sums = state.means * state.counts[:, None].to(F64)
@@ -734,7 +743,7 @@ class ClassAccumulator:
         elif isinstance(state, MomentState):
             self._moments = _all_reduce(state)
         else:
-            self._spread = _all_reduce(state)
+            self._spread = _all_reduce(_agree_nc4(state))
         self._synced = True
 
     def _agree_shape(self) -> None:

@@ -3,14 +3,14 @@ r"""Measure deep neural collapse in any PyTorch model: a streaming per-layer pro
 :class:`DNCProbe` attaches forward hooks to chosen modules, flattens each module's output per sample to
 ``h_i`` (``D`` = product of the non-batch dimensions), streams a data loader through the model under
 ``torch.no_grad()`` and feeds :class:`~deepcollapse.measure.accumulate.ClassAccumulator` (float64, on the
-features' device). The metrics come from :func:`deepcollapse.measure.metrics.dnc_metrics` and
-:func:`deepcollapse.measure.metrics.nc3`; nothing is re-derived here.
+features' device). The metrics come from :mod:`deepcollapse.measure.metrics` (``dnc_metrics``, ``nc3_span``,
+``nc3_duality``, ``nc3_zhu``, ``ncc_accuracy``, ``nc4``); nothing is re-derived here.
 
 Rows. Every *call* of a hooked module is its own row: a module that runs once per forward is named as in
 ``model.named_modules()``; one that runs ``n > 1`` times (a residual block reusing one ``self.relu``) gives
 rows ``name#1 .. name#n``, in the order the calls start. Rows appear in forward order.
 
-What is measured per row (module output ``h``):
+What is measured per row (module output ``h``), with the names of :data:`deepcollapse.measure.metrics.METRICS`:
 
 * the :func:`~deepcollapse.measure.metrics.dnc_metrics` of ``h`` (NC1, NC2, CDNV, ranks, ...), plus
   ``dim`` (``D``) and ``samples`` (``N``);
@@ -18,13 +18,12 @@ What is measured per row (module output ``h``):
   means before the last pass: ``passes=2``, or a ``reference``);
 * ``nc4`` (Papyan et al. 2020), when the model has a classifier: the fraction of samples where the
   nearest class mean of ``h`` differs from the classifier's prediction ``argmax`` of its output. Papyan's
-  NC4 is this number on the features that enter the classifier;
+  NC4 is this number on the features that enter the classifier. The accumulators count both in the last
+  pass; features are held (cloned) until the forward has produced the prediction;
 * for a module with a 2-D ``weight`` ``W`` (``nn.Linear`` and look-alikes), NC3 pairs ``W`` with the class
-  means of the module's **input** (``W`` acts on the features that enter it): ``nc3`` (projection
-  form) and, for ``K`` rows, ``nc3_duality``;
-* on the classifier's row, ``nc3_duality`` is Papyan's self-duality
-  ``|| W/||W||_F - M̃/||M̃||_F ||_F`` with ``M̃`` the class means of the classifier's input, centred
-  about the global mean when the classifier has a bias and uncentred when it has none.
+  means of the module's **input** (``W`` acts on the features that enter it): ``nc3_span`` and, for ``K``
+  rows, ``nc3_zhu`` and Papyan's self-duality, ``nc3_duality`` (centred means) for a module with a bias,
+  ``nc3_duality_uncentred`` without one. The classifier always gets these, in its own row.
 
 The classifier is the model's last ``nn.Linear`` with ``K`` outputs (``classifier="auto"``), a module you
 name, or none (``classifier=None``).
@@ -44,9 +43,10 @@ Two passes. With ``passes=2`` (default) the loader is iterated twice and must yi
 pass; it is refused when measuring starts, and any loader whose second pass yields more samples of a
 class than the first is stopped at that batch. Hooks are removed after every batch, also after an error.
 
-Under DDP, run the probe unchanged on every rank with its shard of the data (e.g. a
-``DistributedSampler``): each pass ends with a sum all-reduce of the statistics, so every rank returns the
-metrics of the full data. Shards may be uneven, and a rank may have no batch at all.
+Under DDP, run the probe unchanged on every rank with its shard of the data: each pass ends with a sum
+all-reduce of the statistics, so every rank returns the metrics of the full data. Shards may be uneven, and
+a rank may have no batch at all. Shard without padding (``DistributedSampler`` repeats samples to even the
+shards out, and those would be counted twice).
 """
 
 from __future__ import annotations
@@ -54,24 +54,18 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from deepcollapse._validate import DeepCollapseError, check_labels
-from deepcollapse.measure.accumulate import (
-    DEFAULT_MAX_COV_BYTES,
-    Centres,
-    ClassAccumulator,
-    _dist_device,
-    _dist_ready,
-    centres,
-)
-from deepcollapse.measure.metrics import ClassStats, Weighting, dnc_metrics, nc3
+from deepcollapse.measure.accumulate import DEFAULT_MAX_COV_BYTES, ClassAccumulator, _dist_ready
+from deepcollapse.measure.metrics import ClassStats, dnc_metrics, nc3_duality, nc3_span, nc3_zhu, nc4, ncc_accuracy
+from deepcollapse.measure.stats import EPS64, Weighting
 
-__all__ = ["LABEL_KEYS", "SHORTHANDS", "DNCProbe", "as_class_labels", "nearest_centre", "resolve_layers"]
+__all__ = ["LABEL_KEYS", "SHORTHANDS", "DNCProbe", "as_class_labels", "resolve_layers"]
 
 SHORTHANDS: dict[str, tuple[type[nn.Module], ...]] = {
     "linear": (nn.Linear,),
@@ -283,40 +277,21 @@ def preserved_state(model: nn.Module, *, train: bool) -> Iterator[None]:
             m.training = flag
 
 
-# ------------------------------------------------------------------------------- nearest centres
-
-
-def nearest_centre(h: Tensor, ref: Centres) -> Tensor:
-    r"""Index of the nearest class mean for each row of ``h`` (B, D), in float64.
-
-    ``argmin_c ||h_i - μ_c||² = argmin_c (||μ_c - r||² - 2 (h_i - r)^T (μ_c - r))`` with ``r = ref.centre``:
-    shifting by a central ``r`` avoids the cancellation of ``||h||²`` far from the origin.
-    """
-    x = h.to(F64) - ref.centre
-    sq = torch.linalg.vecdot(ref.shifted, ref.shifted)
-    return (sq - 2.0 * (x @ ref.shifted.T)).argmin(1)
-
-
-def _reference_centres(stats: ClassStats) -> Centres:
-    return centres(stats.means, stats.counts)
-
-
 # ------------------------------------------------------------------------------------------ state
 
 
 @dataclass
 class _Site:
-    """One call of one hooked module: its output's accumulator, its input's (2-D weight: NC3) and NCC tallies."""
+    """One call of one hooked module: its output's accumulator, its input's (2-D weight: NC3), a reference's."""
 
     module: str
     call: int
     out: ClassAccumulator
     weight: Tensor | None
     inp: ClassAccumulator | None
-    ncc_ref: Centres | None = None  # the class means the NCC rule uses in the last pass
-    ncc_pred: Tensor | None = None  # this batch's NCC predictions
-    ncc_correct: Tensor | None = None  # (K,) NCC prediction == label
-    disagree: Tensor | None = None  # (K,) NCC prediction != classifier prediction
+    bias: bool  # the module has a bias (self-duality: centred means) or not (uncentred)
+    ref: ClassAccumulator | None = None  # about a reference's class means: NCC and NC4 (test vs train)
+    held: Tensor | None = None  # this batch's features in the last pass, until the predictions are known
 
 
 @dataclass
@@ -357,8 +332,9 @@ class DNCProbe:
         Per layer, keep the ``D x D`` ``Σ_W`` or only ``O(K·D)`` state (see :mod:`deepcollapse.measure.accumulate`).
     max_cov_bytes : int
         ``cov="auto"`` keeps ``Σ_W`` while ``8 D²`` bytes fit.
-    normalize, weighting, rank_rtol :
-        Metric conventions, passed to :func:`deepcollapse.measure.metrics.dnc_metrics`.
+    normalize, weighting, rtol, rank_rtol :
+        Metric conventions, passed to :func:`deepcollapse.measure.metrics.dnc_metrics` (``rtol``: the
+        pseudo-inverse and rank cutoff; default from the precision of the features as given).
     mode : "eval" or "train"
         The mode the model is measured in (default ``"eval"``; ``"train"`` warns). Flags and buffers are
         restored afterwards either way.
@@ -394,6 +370,7 @@ class DNCProbe:
         max_cov_bytes: int = DEFAULT_MAX_COV_BYTES,
         normalize: bool = True,
         weighting: Weighting = "samples",
+        rtol: float | None = None,
         rank_rtol: float = 1e-3,
         mode: Literal["eval", "train"] = "eval",
         batch_fn: BatchFn | None = None,
@@ -413,7 +390,7 @@ class DNCProbe:
         self.classifier = _resolve_classifier(model, classifier, num_classes)
         self.options = {"passes": passes, "cov": cov, "max_cov_bytes": max_cov_bytes}
         self.passes = passes
-        self.normalize, self.weighting, self.rank_rtol = normalize, weighting, rank_rtol
+        self.normalize, self.weighting, self.rtol, self.rank_rtol = normalize, weighting, rtol, rank_rtol
         self.mode, self.batch_fn = mode, batch_fn
         self.device = torch.device(device) if device is not None else _model_device(model)
         self.stats: dict[str, ClassStats] = {}
@@ -467,21 +444,26 @@ class DNCProbe:
         elif not self._sites:
             raise DeepCollapseError(f"the loader yielded no batches (pass {self.pass_index} of {self.passes})")
         self._check_same_samples(final=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self._end_accumulators()
+        for message in dict.fromkeys(str(w.message).split(": ", 1)[-1] for w in caught):
+            warnings.warn(f"every layer: {message}", stacklevel=2)  # once, not once per accumulator
+        if self.pass_index == self.passes:
+            self._done = True
+            return
+        self.pass_index += 1
+        self._batch = 0
+
+    def _end_accumulators(self) -> None:
         for site in self._sites.values():
             site.out.end_pass()
             if site.inp is not None and self.pass_index == 1:
                 site.inp.end_pass()
+            if site.ref is not None and self.pass_index == self.passes:
+                site.ref.end_pass()
         if self._head is not None and self.pass_index == 1:
             self._head.inp.end_pass()
-        if self.pass_index == self.passes:
-            self._sync_tallies()
-            self._done = True
-            return
-        if self._reference is None:
-            for site in self._sites.values():
-                site.ncc_ref = centres(site.out.means, site.out.counts)
-        self.pass_index += 1
-        self._batch = 0
 
     def compute(self) -> dict[str, dict[str, float]]:
         """``{row: {metric: value}}`` in forward order, after the last :meth:`end_pass`; fills :attr:`stats`."""
@@ -494,12 +476,12 @@ class DNCProbe:
         for key in self._order:
             site = self._sites[key]
             row = self._row(key)
-            stats = site.out.compute()
-            results[row] = self._metrics(site, stats)
-            own = self._reference is None and site.ncc_correct is not None
-            self.stats[row] = replace(stats, ncc_correct=site.ncc_correct.to(stats.counts.device)) if own else stats
+            self.stats[row] = site.out.compute()
+            results[row] = self._metrics(site, self.stats[row])
         if self._head is not None:
-            results.setdefault(self._head.name, {})["nc3_duality"] = self._self_duality(self._head)
+            has_bias = getattr(self._head.module, "bias", None) is not None
+            weight_metrics = self._weight_metrics(self._head.module.weight, self._head.inp, bias=has_bias)
+            results.setdefault(self._head.name, {}).update(weight_metrics)
         return results
 
     def measure(
@@ -580,9 +562,14 @@ class DNCProbe:
         where = f"layer {name!r}" + (f" call {call}" if call > 1 else "")
         w = getattr(module, "weight", None)
         weight = w if isinstance(w, Tensor) and w.dim() == 2 else None
-        k = self.num_classes
+        k, bias = self.num_classes, getattr(module, "bias", None) is not None
         inp = None if weight is None else ClassAccumulator(k, name=f"{where} (input)", passes=2, cov="light", ncc=False)
-        return _Site(name, call, ClassAccumulator(k, name=where, ncc=False, **self.options), weight, inp)
+        out = ClassAccumulator(k, name=where, ncc=self._reference is None, **self.options)
+        ref = None
+        if self._reference is not None:  # NCC and NC4 about the reference's class means (one pass)
+            means = self._reference_for(name, call)
+            ref = ClassAccumulator(k, name=f"{where} (reference means)", means=means, cov=self.options["cov"])
+        return _Site(name, call, out, weight, inp, bias, ref)
 
     def _post_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -591,10 +578,12 @@ class DNCProbe:
             out = _first_tensor(output)
             if out is None:
                 raise DeepCollapseError(f"layer {name!r}: output holds no tensor (batch {self._batch})")
-            site.out.update(out, self._labels, batch=self._batch)
+            if self.pass_index == self.passes and (self._head is not None or site.ref is not None):
+                site.held = out.detach().clone()  # fed after the forward, with the classifier's predictions
+            else:
+                site.out.update(out, self._labels, batch=self._batch)
             if site.inp is not None and self.pass_index == 1:
                 self._update_input(site, args)
-            site.ncc_pred = self._ncc_predict(site, out) if self.pass_index == self.passes else None
 
         return hook
 
@@ -619,14 +608,6 @@ class DNCProbe:
             return
         site.inp.update(x, self._labels, batch=self._batch)
 
-    def _ncc_predict(self, site: _Site, out: Tensor) -> Tensor | None:
-        if site.ncc_ref is None and self._reference is not None:
-            site.ncc_ref = self._reference_for(site)
-        if site.ncc_ref is None:
-            return None
-        h = out.detach().reshape(out.shape[0], -1)
-        return nearest_centre(h.to(site.ncc_ref.means.device), site.ncc_ref)
-
     def _end_batch(self) -> None:
         if self._ncalls is None:
             self._ncalls = dict(self._pre)
@@ -641,27 +622,25 @@ class DNCProbe:
                     f"layer {name!r} ran {self._post[name]} times in the forward pass of batch {self._batch} but"
                     f" {n} times in the first batch; the calls of a module must not vary"
                 )
-        self._tally()
+        self._feed_held()
         self._batch += 1
 
-    def _tally(self) -> None:
-        """Add this batch's NCC hits (prediction == label) and NC4 disagreements (!= the classifier's)."""
-        y, k = self._labels, self.num_classes
-        assert y is not None
-        pred = None if self._head is None else self._head.pred
-        if self._head is not None and pred is None and self.pass_index == self.passes:
-            raise DeepCollapseError(f"classifier {self._head.name!r} was not called in batch {self._batch}")
+    def _feed_held(self) -> None:
+        """Feed the last pass's features held during the forward, with the classifier's predictions (NC4)."""
+        head = self._head
+        if head is not None and head.pred is None and self.pass_index == self.passes:
+            raise DeepCollapseError(
+                f"classifier {head.name!r} was not called in the forward pass of batch {self._batch}"
+            )
+        pred = None if head is None else head.pred
         for site in self._sites.values():
-            if site.ncc_pred is None:
+            if site.held is None:
                 continue
-            yy = y.to(site.ncc_pred.device)
-            zero = torch.zeros(k, dtype=torch.int64, device=yy.device)
-            hit = (site.ncc_pred == yy).long()
-            site.ncc_correct = (zero if site.ncc_correct is None else site.ncc_correct).index_add(0, yy, hit)
-            if pred is not None:
-                miss = (site.ncc_pred != pred.to(yy.device)).long()
-                site.disagree = (zero if site.disagree is None else site.disagree).index_add(0, yy, miss)
-            site.ncc_pred = None
+            own = pred if site.ref is None else None
+            site.out.update(site.held, self._labels, predictions=own, batch=self._batch)
+            if site.ref is not None:
+                site.ref.update(site.held, self._labels, predictions=pred, batch=self._batch)
+            site.held = None
 
     # --------------------------------------------------------------------------- same samples, DDP
     def _count_labels(self, y: Tensor) -> None:
@@ -709,22 +688,6 @@ class DNCProbe:
             if not all(g[i][2] for g in full):
                 self._sites[key].inp = None
 
-    def _sync_tallies(self) -> None:
-        if not (self.passes == 2 or self._reference is not None):
-            return  # no class means before the last pass: no NCC metrics
-        dist = _dist_ready()
-        for site in self._sites.values():
-            names = ("ncc_correct",) if self._head is None else ("ncc_correct", "disagree")
-            for attr in names:
-                t = getattr(site, attr)
-                t = torch.zeros(self.num_classes, dtype=torch.int64) if t is None else t
-                if dist:
-                    dev = t.device
-                    t = t.to(_dist_device())
-                    torch.distributed.all_reduce(t)
-                    t = t.to(dev)
-                setattr(site, attr, t)
-
     # --------------------------------------------------------------------------------------- metrics
     def _row(self, key: tuple[str, int]) -> str:
         assert self._ncalls is not None
@@ -742,49 +705,45 @@ class DNCProbe:
                 )
         return {_key_of(row): s for row, s in reference.items()}
 
-    def _reference_for(self, site: _Site) -> Centres:
+    def _reference_for(self, name: str, call: int) -> ClassStats:
         assert self._reference is not None
-        stats = self._reference.get((site.module, site.call))
-        where = site.module + (f" (call {site.call})" if site.call > 1 else "")
+        stats = self._reference.get((name, call))
         if stats is None:
+            where = name + (f" (call {call})" if call > 1 else "")
             raise DeepCollapseError(f"reference has no statistics for layer {where}; measure the same layers")
-        if stats.dim != site.out.dim:
-            raise DeepCollapseError(f"reference[{where!r}] has dimension {stats.dim}, the layer gives {site.out.dim}")
-        return _reference_centres(stats)
+        return stats
 
     def _metrics(self, site: _Site, stats: ClassStats) -> dict[str, float]:
-        m: dict[str, float] = dict(
-            dnc_metrics(
-                replace(stats, ncc_correct=None),
-                normalize=self.normalize,
-                weighting=self.weighting,
-                rank_rtol=self.rank_rtol,
-            )
-        )
-        if site.ncc_correct is not None:
-            m["ncc_accuracy"] = float(site.ncc_correct.sum()) / stats.total
-        if site.disagree is not None:
-            m["nc4"] = float(site.disagree.sum()) / stats.total
+        opts = {"normalize": self.normalize, "weighting": self.weighting, "rtol": self.rtol}
+        m: dict[str, float] = dict(dnc_metrics(stats, rank_rtol=self.rank_rtol, **opts))
+        if site.ref is not None:
+            against = site.ref.compute()
+            m["ncc_accuracy"] = ncc_accuracy(against)
+            if against.nc4_disagree is not None:
+                m["nc4"] = nc4(against)
         if site.weight is not None and site.inp is not None:
-            inp = _means_stats(site.inp)
-            m["nc3"] = nc3(site.weight, inp)
-            if site.weight.shape[0] == self.num_classes:
-                m["nc3_duality"] = nc3(site.weight, inp, method="duality", center=True, weighting=self.weighting)
+            m |= self._weight_metrics(site.weight, site.inp, bias=site.bias)
         m["dim"] = float(stats.dim)
         m["samples"] = float(stats.total)
         return m
 
-    def _self_duality(self, head: _Head) -> float:
-        """Papyan's self-duality of the classifier: centred input means with a bias, uncentred without."""
-        w = getattr(head.module, "weight", None)
-        assert isinstance(w, Tensor)
-        has_bias = getattr(head.module, "bias", None) is not None
-        return nc3(w, _means_stats(head.inp), method="duality", center=has_bias, weighting=self.weighting)
+    def _weight_metrics(self, weight: Tensor, inp: ClassAccumulator, *, bias: bool) -> dict[str, float]:
+        """NC3 of a weight with the class means of its input: ``nc3_span``; for a classifier (``K`` rows, those
+        of the classes present) Papyan's self-duality (``nc3_duality``, uncentred without a bias) and ``nc3_zhu``."""
+        stats = _means_stats(inp)
+        out = {"nc3_span": nc3_span(weight, stats, rtol=self.rtol)}
+        if weight.shape[0] == self.num_classes:
+            w = weight.detach()[torch.tensor(stats.class_ids, device=weight.device)]
+            key = "nc3_duality" if bias else "nc3_duality_uncentred"
+            out[key] = nc3_duality(w, stats, center=bias, weighting=self.weighting)
+            out["nc3_zhu"] = nc3_zhu(w, stats, weighting=self.weighting)
+        return out
 
 
 def _means_stats(acc: ClassAccumulator) -> ClassStats:
-    """A means-only ``ClassStats`` (NC3 reads counts and means) from an accumulator after its first pass."""
+    """A means-only ``ClassStats`` (NC3 reads counts, means, precision and classes) after an accumulator's pass 1."""
     means = acc.means
-    k = means.shape[0]
-    zeros = means.new_zeros(k)
-    return ClassStats(acc.counts.to(means.device), means, zeros, means.new_zeros(k, k))
+    kept = acc._kept if acc._kept is not None else list(range(means.shape[0]))
+    classes = None if kept == list(range(acc.num_classes)) else torch.tensor(kept)
+    zeros = means.new_zeros(means.shape[0])
+    return ClassStats(acc.counts.to(means.device), means, zeros, None, eps=acc.eps or EPS64, classes=classes)
