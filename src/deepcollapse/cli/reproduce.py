@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -17,6 +17,24 @@ _FLAGS = {"resume=True": "--resume", "overwrite=True": "--overwrite", "cifar10=P
 
 def _as_flags(message: str) -> str:
     return re.sub("|".join(map(re.escape, _FLAGS)), lambda m: _FLAGS[m.group(0)], message)
+
+
+def _bar() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
+def _print_report(report: dict[str, Any], out: Path) -> None:
+    s = report["summary"]
+    for c in report["claims"]:
+        if c["status"] == "fail":
+            console.print(f"[red]fail[/red] {c['id']}: {c['statement']} ({c['explanation']})", highlight=False)
+    console.print(
+        f"{s['passed']} of {s['claims']} claims pass ({report['seconds']:.0f} s); "
+        f"wrote {out}/report.json and {out}/report.html",
+        highlight=False,
+    )
 
 
 def register(app: typer.Typer) -> None:
@@ -52,11 +70,7 @@ def register(app: typer.Typer) -> None:
             for exp in plan(size):
                 console.print(f"{exp.id:14s} {exp.paper}  {exp.title}", highlight=False)
             return
-        bar, task = None, None
-        if progress:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        bar, task = _bar() if progress else None, None
 
         def on_progress(exp_id: str, i: int, total: int) -> None:
             nonlocal task
@@ -76,12 +90,4 @@ def register(app: typer.Typer) -> None:
         finally:
             if bar is not None:
                 bar.stop()
-        s = report["summary"]
-        for c in report["claims"]:
-            if c["status"] == "fail":
-                console.print(f"[red]fail[/red] {c['id']}: {c['statement']} ({c['explanation']})", highlight=False)
-        console.print(
-            f"{s['passed']} of {s['claims']} claims pass ({report['seconds']:.0f} s); "
-            f"wrote {out}/report.json and {out}/report.html",
-            highlight=False,
-        )
+        _print_report(report, out)

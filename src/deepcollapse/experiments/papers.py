@@ -62,6 +62,19 @@ def _fraction(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else math.nan
 
 
+def _plot_k2(rows: list[dict[str, Any]], path: Path, *, steps: int) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for key, mark in (("gap", "o"), ("nc1", "s"), ("nc2", "^"), ("nc3", "v")):
+        ax.semilogy([r["L"] + 0.05 * i for i, r in enumerate(rows)], [max(abs(r[key]), 1e-17) for r in rows],
+                    mark, label="|loss/L_DNC - 1|" if key == "gap" else f"max {key.upper()}")  # fmt: skip
+    ax.axhline(LOSS_RTOL, color="k", ls=":", lw=1)
+    ax.set_xlabel("depth L")
+    ax.set_title(f"K = 2, plain GD, {steps} steps", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def dufm_k2_gd(out: Path, p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
     """Plain GD on K = 2 DUFMs of depth 1..5, several widths and λ's: loss vs L_DNC, DNC1-3 per layer."""
     from deepcollapse.dufm.solve import SolverConfig
@@ -80,16 +93,7 @@ def dufm_k2_gd(out: Path, p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, A
                 rows.append({"L": L, "width": width, "lambda": c.lambda_h, "steps": res.steps, "loss": res.loss,
                              "dnc_loss": dnc, "gap": res.loss / dnc - 1, **m, "verdict": verdict})  # fmt: skip
     write_csv(out / "k2_gd.csv", rows)
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    for key, mark in (("gap", "o"), ("nc1", "s"), ("nc2", "^"), ("nc3", "v")):
-        ax.semilogy([r["L"] + 0.05 * i for i, r in enumerate(rows)], [max(abs(r[key]), 1e-17) for r in rows],
-                    mark, label="|loss/L_DNC - 1|" if key == "gap" else f"max {key.upper()}")  # fmt: skip
-    ax.axhline(LOSS_RTOL, color="k", ls=":", lw=1)
-    ax.set_xlabel("depth L")
-    ax.set_title(f"K = 2, plain GD, {p['steps']} steps", fontsize=9)
-    ax.legend(fontsize=7)
-    figs = [_save(fig, out / "k2_gd.png")]
+    figs = [_plot_k2(rows, out / "k2_gd.png", steps=p["steps"])]
     # one run with its history: the paper's metric curves against iterations
     cfg = DUFMConfig(num_classes=2, n_per_class=p["n"], num_layers=p["curve_layers"], width=p["widths"][0],
                      lambda_h=p["lambdas"][0], lambda_w=p["lambdas"][0])  # fmt: skip
