@@ -62,7 +62,7 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
             trows,
             ["quantity", "measured", "theory", "gap"],
         )
-        console.print(th["note"], highlight=False)
+        console.print(f"verdict of the head's solution: {th['verdict']}. {th['note']}", highlight=False)
     fit = summary.get("fit_optimal")
     if fit and "skipped" not in fit:
         console.print(
