@@ -176,3 +176,18 @@ def test_rule_errors_name_the_parameter(kw, match):
         SolverConfig(**kw)
     with pytest.raises(DeepCollapseError, match=match):
         GDOptions(**kw)
+
+
+def test_certificate_is_the_gradient_at_the_returned_parameters():
+    """The result's grad_norm, rel_grad_norm and gap are those of the parameters it returns (autograd on
+    the returned model, the parameter norm and L_DNC computed here)."""
+    model = DUFM(CFG)
+    res = solve(model, SolverConfig(metrics=False), dnc_loss=_dnc())
+    total = model.loss()[0]
+    grads = torch.autograd.grad(total, [model.h1, *model.weights])
+    gn = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+    pn = math.sqrt(sum(float(p.detach().pow(2).sum()) for p in model.parameters()))
+    assert res.grad_norm == pytest.approx(gn, rel=1e-12)
+    assert res.rel_grad_norm == pytest.approx(gn * pn / float(total.detach()), rel=1e-12)
+    assert res.gap == pytest.approx((float(total.detach()) - _dnc()) / _dnc(), rel=1e-9)
+    assert res.stop_reason in STOP_REASONS
