@@ -230,6 +230,9 @@ def test_fixed_means_one_pass() -> None:
     var = np.array([((hn[yn == c] - mu[c]) ** 2).sum(1).mean() for c in range(4)])
     np.testing.assert_allclose(test.within_trace.numpy(), var, rtol=1e-12)
     assert torch.equal(test.means, train.means) and test.total == 100
+    sub = accumulate_stats(batches(h[100:], y[100:], 32), 4, means=train, classes=[1, 3])
+    assert sub.class_ids == [1, 3] and torch.equal(sub.means, train.means[[1, 3]])
+    np.testing.assert_allclose(sub.within_trace.numpy(), var[[1, 3]], rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -614,8 +614,16 @@ class ClassAccumulator:
         ids = stats.class_ids if stats else list(range(m.shape[0]))
         if m.dim() != 2 or len(ids) != m.shape[0] or max(ids) >= self.num_classes:
             raise DeepCollapseError(f"means must be (K, D) for the {self.num_classes} classes, got {tuple(m.shape)}")
+        counts = None if stats is None else stats.counts
+        if self.classes is not None:  # measure only the requested rows of the given means
+            pick = [i for i, c in enumerate(ids) if c in set(self.classes)]
+            if len(pick) < 2:
+                raise DeepCollapseError(f"{self.name}: classes {self.classes[:10]} name fewer than 2 rows of means")
+            rows = torch.tensor(pick, device=m.device)
+            m, ids = m.index_select(0, rows), [ids[i] for i in pick]
+            counts = None if counts is None else counts.index_select(0, rows.to(counts.device))
         self.dim, self.pass_index = int(m.shape[1]), 2
-        self._set_kept(ids, m, None if stats is None else stats.counts)
+        self._set_kept(ids, m, counts)
 
     def _set_kept(self, ids: list[int], means: Tensor, counts: Tensor | None) -> None:
         self._kept = ids
