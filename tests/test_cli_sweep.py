@@ -12,7 +12,7 @@ from deepcollapse.files import read_csv, read_json
 runner = CliRunner()
 SPEC = {
     "grid": {"seed": [0, 1]},
-    "fixed": {"num_classes": 3, "n_per_class": 2, "num_layers": 3, "width": 5, "max_steps": 100, "lambda": 0.004},
+    "fixed": {"num_classes": 4, "n_per_class": 2, "num_layers": 3, "width": 5, "max_steps": 100, "lambda": 0.004},
 }
 
 

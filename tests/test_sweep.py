@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from deepcollapse._validate import DeepCollapseError
+from deepcollapse.dufm.model import DUFM
 from deepcollapse.experiments.sweep import expand_spec, read_results, run_sweep, spec_hash, validate_spec
+from reference import np_dnc
 
 SPEC = {
     "grid": {"seed": [0, 1, 2], "lambda": [0.003, 0.005]},
-    "fixed": {"num_classes": 3, "n_per_class": 2, "num_layers": 3, "width": 5, "max_steps": 150, "lr": 0.3},
+    "fixed": {"num_classes": 4, "n_per_class": 2, "num_layers": 3, "width": 5, "max_steps": 150, "lr": 0.3},
 }
 VOLATILE = ("seconds",)
 
@@ -130,3 +134,75 @@ def test_ray_backend_matches_local(tmp_path):
             ray.shutdown()
     assert summary["ran"] == 4 and summary["backend"] == "ray"
     assert _strip(read_results(tmp_path / "ray")) == _strip(read_results(tmp_path / "local"))
+
+
+def _plain_gd(config, lr, steps):
+    """Plain full-batch GD with autograd on DUFM(config), θ ← θ - η ∇L, written independently of the
+    batched trainer's hand-written gradients; returns the final parameters and loss."""
+    model = DUFM(config)
+    params = [model.h1, *model.weights]
+    for _ in range(steps):
+        total, _, _ = model.loss()
+        grads = torch.autograd.grad(total, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p.sub_(lr * g)
+    with torch.no_grad():
+        return model.h1.detach().clone(), [w.detach().clone() for w in model.weights], float(model.loss()[0])
+
+
+def test_each_configuration_of_a_batch_runs_with_its_own_lr_and_reports_nc_per_layer(tmp_path, one_thread):
+    """One batch (same shapes) with two learning rates: every row equals plain GD at its own lr, and its
+    per-layer NC1/NC2 equal the numpy reference on that GD's features."""
+    spec = {
+        "grid": {"lr": [0.1, 0.45]},
+        "fixed": {**{k: v for k, v in SPEC["fixed"].items() if k != "lr"}, "max_steps": 40, "lambda": 0.004}
+        | {"tol_grad": 0.0, "tol_rel": 0.0},
+    }
+    run_sweep(spec, tmp_path, threads=1)
+    rows = read_results(tmp_path)
+    assert [r["lr"] for r in rows] == [0.1, 0.45] and {r["steps"] for r in rows} == {40}
+    for row, item in zip(rows, expand_spec(spec), strict=True):
+        h1, ws, loss = _plain_gd(item["config"], row["lr"], row["steps"])
+        assert row["loss"] == pytest.approx(loss, rel=1e-10)
+        labels = np.repeat(np.arange(4), 2)
+        feats = [h1.numpy()]
+        for w in ws[:-1]:
+            feats.append(np.maximum(w.numpy() @ feats[-1], 0.0))
+        want = [np_dnc(f.T, labels, 4) for f in feats]
+        np.testing.assert_allclose(row["nc1"], [m["nc1"] for m in want], rtol=1e-7)
+        np.testing.assert_allclose(row["nc2_orth"], [m["nc2_orth"] for m in want], rtol=1e-7)
+        np.testing.assert_allclose(row["nc2_etf"], [m["nc2_etf"] for m in want], rtol=1e-7)
+    assert (tmp_path / "summary.png").stat().st_size > 0
+
+
+def test_diverged_runs_are_recorded_as_diverged(tmp_path):
+    """lr 50 blows the loss up to ~1e18 without reaching inf: recorded as diverged, not max_steps/other."""
+    fixed = {k: v for k, v in SPEC["fixed"].items() if k != "lr"}
+    spec = {"grid": {"lr": [0.3, 50.0]}, "fixed": {**fixed, "max_steps": 100, "lambda": 1e-4}}
+    run_sweep(spec, tmp_path, threads=1)
+    ok, bad = read_results(tmp_path)
+    assert (bad["stop_reason"], bad["verdict"]) == ("diverged", "diverged")
+    assert ok["stop_reason"] != "diverged" and ok["verdict"] != "diverged"
+
+
+def test_width_below_classes_is_refused_unless_allowed(tmp_path):
+    spec = {"fixed": {**SPEC["fixed"], "width": [5, 2, 5], "lambda": 0.004}}
+    with pytest.raises(DeepCollapseError, match=r"width below K = 4 \(d_2 = 2\).*allow_narrow"):
+        run_sweep(spec, tmp_path / "a")
+    assert not (tmp_path / "a" / "results.csv").exists()
+    assert run_sweep({**spec, "allow_narrow": True}, tmp_path / "b", threads=1)["ran"] == 1
+
+
+def test_torn_last_row_is_dropped_and_rerun(tmp_path):
+    spec = {**SPEC, "grid": {"seed": [0, 1, 2]}}
+    run_sweep(spec, tmp_path / "full", threads=1)
+    part = tmp_path / "part"
+    run_sweep(spec, part, threads=1)
+    text = (part / "results.csv").read_text()
+    last = text.rstrip("\n").rfind("\n") + 1
+    (part / "results.csv").write_text(text[:last] + text[last : last + 30])  # a write cut short
+    with pytest.warns(UserWarning, match="torn last row"):
+        summary = run_sweep(spec, part, resume=True, threads=1)
+    assert (summary["skipped"], summary["ran"]) == (2, 1)
+    assert _strip(read_results(part)) == _strip(read_results(tmp_path / "full"))

@@ -283,6 +283,7 @@ class Start:
     source: str
     m1: Tensor
     weights: tuple[Tensor, ...]
+    polish_only: bool = False  # a point already near a minimum (a closed form): L-BFGS only, no Adam
 
 
 @dataclass
@@ -347,10 +348,10 @@ def _check_batchable(configs: Sequence[DUFMConfig]) -> None:
 class SearchOptions:
     """How :func:`multistart` spends its budget: Adam on every start, then L-BFGS on the best ones."""
 
-    adam_steps: int = 4000  # Adam steps on every start (cosine-annealed learning rate)
+    adam_steps: int = 3000  # Adam steps on every start (cosine-annealed learning rate)
     adam_lr: float = 0.01
-    keep: int = 2  # starts per configuration polished by L-BFGS after Adam
-    polish: LBFGSOptions = field(default_factory=lambda: LBFGSOptions(max_steps=1000, tol_rel=1e-10, patience=10))
+    keep: int = 2  # starts per configuration polished by L-BFGS after Adam (besides the polish-only ones)
+    polish: LBFGSOptions = field(default_factory=lambda: LBFGSOptions(max_steps=300, tol_rel=1e-10, patience=10))
 
     def __post_init__(self) -> None:
         check_positive_int("adam_steps", self.adam_steps, minimum=0)
@@ -388,13 +389,17 @@ def _search_rows(
     def fn(x: Tensor, rows: Tensor) -> Tensor:
         return means_objective(x, cfg0, lam_h[rows], lam_w[rows])
 
-    x = _adam(fn, x0, steps=opts.adam_steps, lr=opts.adam_lr)
+    explore = torch.tensor([r for r, st in enumerate(starts) if not st.polish_only], dtype=torch.int64)
+    x = x0.clone()
+    if explore.numel():
+        x[explore] = _adam(lambda z, rows: fn(z, explore[rows]), x0[explore], steps=opts.adam_steps, lr=opts.adam_lr)
     with torch.no_grad():
         f = fn(x, torch.arange(len(starts)))
     chosen: list[int] = []
     for i in range(len(configs)):
         rows = [r for r, o in enumerate(owner) if o == i and math.isfinite(float(f[r]))]
-        chosen += sorted(rows, key=lambda r: float(f[r]))[: opts.keep]
+        chosen += sorted((r for r in rows if not starts[r].polish_only), key=lambda r: float(f[r]))[: opts.keep]
+        chosen += [r for r in rows if starts[r].polish_only]
     ends = LBFGSResult(x, f, torch.full_like(f, math.nan), [opts.adam_steps] * len(starts), ["screened"] * len(starts))
     for r in range(len(starts)):
         if not math.isfinite(float(f[r])):

@@ -41,7 +41,7 @@ import torch
 
 from deepcollapse._validate import DeepCollapseError, check_positive_int
 from deepcollapse.dufm.batched import BatchResult, GDOptions, shape_key, train_batched
-from deepcollapse.dufm.model import DUFMConfig
+from deepcollapse.dufm.model import DUFM, DUFMConfig, labels_from_counts, layer_metrics
 from deepcollapse.files import append_csv_rows, prepare_out_dir, read_csv, read_json, write_json
 
 __all__ = [
@@ -50,7 +50,9 @@ __all__ = [
     "SOLVER_KEYS",
     "expand_spec",
     "load_spec",
+    "plot_sweep",
     "read_results",
+    "repair_table",
     "result_row",
     "run_sweep",
     "spec_hash",
@@ -60,9 +62,10 @@ __all__ = [
 DUFM_KEYS = ("num_classes", "n_per_class", "num_layers", "width", "lambda_h", "lambda_w", "init_std", "seed", "dtype")
 SOLVER_KEYS = ("lr", "max_steps", "tol_grad", "tol_rel", "patience")
 PARAM_KEYS = (*DUFM_KEYS, "lambda", *SOLVER_KEYS)
-TOP_KEYS = ("grid", "random", "fixed", "analysis", "batch_size", "name")
+TOP_KEYS = ("grid", "random", "fixed", "analysis", "batch_size", "name", "allow_narrow")
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
-DEFAULTS: dict[str, Any] = {"max_steps": 20000, "lr": 0.5, "tol_grad": 1e-9, "tol_rel": 1e-12, "patience": 50}
+NC_METRICS = ("nc1", "nc2_etf", "nc2_orth")  # per layer: H_1, then the post-ReLU H_2..H_L
+DIVERGENCE_FACTOR = 10.0  # a run ending above this multiple of its initial loss diverged (GD never gains that)
 RESULT_KEYS = (
     "loss",
     "fit",
@@ -78,11 +81,12 @@ RESULT_KEYS = (
     "rank_post",
     "rank_pre_last",
     "rank_out",
+    *NC_METRICS,
     "verdict",
     "seconds",
 )
 COLUMNS = ("key", "index", *[k for k in PARAM_KEYS if k != "lambda"], *RESULT_KEYS)
-RESULTS, META = "results.csv", "sweep.json"
+RESULTS, META, SUMMARY_PLOT = "results.csv", "sweep.json", "summary.png"
 
 
 def load_spec(spec: str | Path | Mapping[str, Any]) -> dict[str, Any]:
@@ -158,8 +162,9 @@ def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         raise DeepCollapseError(f"parameter(s) {sorted(overlap)} are given in more than one of grid/fixed/random")
     if "batch_size" in spec:
         check_positive_int("batch_size", spec["batch_size"])
-    if "analysis" in spec and not isinstance(spec["analysis"], bool):
-        raise DeepCollapseError(f"analysis must be true or false, got {spec['analysis']!r}")
+    for flag in ("analysis", "allow_narrow"):
+        if flag in spec and not isinstance(spec[flag], bool):
+            raise DeepCollapseError(f"{flag} must be true or false, got {spec[flag]!r}")
     return {k: spec[k] for k in TOP_KEYS if k in spec}
 
 
@@ -182,7 +187,7 @@ def _draw(dist: Mapping[str, Any], rng: random.Random) -> Any:
 
 
 def _resolve(params: Mapping[str, Any]) -> dict[str, Any]:
-    p = {**DEFAULTS, **params}
+    p = dict(params)
     if "lambda" in p and p["lambda"] is None:
         raise DeepCollapseError("lambda must be a number, got null")
     lam = p.pop("lambda", None)
@@ -217,14 +222,24 @@ def expand_spec(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
         params = _resolve({**fixed, **point})
         try:
             config = DUFMConfig(**{k: params[k] for k in DUFM_KEYS if k in params})
-            options = GDOptions(**{k: params[k] for k in SOLVER_KEYS})
+            options = GDOptions(**{k: params[k] for k in SOLVER_KEYS if k in params})
         except DeepCollapseError as e:
             raise DeepCollapseError(f"configuration #{i} ({json.dumps(point)}): {e}") from None
         except TypeError as e:
             raise DeepCollapseError(f"configuration #{i} ({json.dumps(point)}): {e}") from None
         if isinstance(options.lr, list):
             raise DeepCollapseError(f"configuration #{i}: lr must be one number")
-        full = {**{k: params.get(k, getattr(config, k)) for k in DUFM_KEYS}, **{k: params[k] for k in SOLVER_KEYS}}
+        narrow = [f"d_{j + 1} = {d}" for j, d in enumerate(config.widths) if d < config.num_classes]
+        if narrow and not spec.get("allow_narrow", False):
+            raise DeepCollapseError(
+                f"configuration #{i} ({json.dumps(point)}): width below K = {config.num_classes} "
+                f'({", ".join(narrow)}): the DNC optimum needs every width >= K; set "allow_narrow": true in '
+                "the spec to run it anyway"
+            )
+        full = {
+            **{k: params.get(k, getattr(config, k)) for k in DUFM_KEYS},
+            **{k: getattr(options, k) for k in SOLVER_KEYS},
+        }
         full.update(num_classes=config.num_classes, num_layers=config.num_layers, seed=config.seed)
         out.append({"key": _key(full), "index": i, "params": full, "config": config, "options": options})
     keys = [c["key"] for c in out]
@@ -235,19 +250,41 @@ def expand_spec(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def diverged(res: BatchResult) -> bool:
+    """A run diverged when its loss or gradient is not finite, or its loss ends above ``DIVERGENCE_FACTOR``
+    times the loss at its initialization (stable GD never raises the loss)."""
+    if res.stop_reason == "diverged" or not (math.isfinite(res.loss) and math.isfinite(res.grad_norm)):
+        return True
+    with torch.no_grad():
+        initial = float(DUFM(DUFMConfig(**{**res.config.to_dict(), "dtype": "float64"})).loss()[0])
+    return res.loss > DIVERGENCE_FACTOR * initial
+
+
+def nc_by_layer(res: BatchResult) -> dict[str, list[float]]:
+    """``NC_METRICS`` of ``H_1`` and of every post-ReLU ``H_l`` (l = 2..L), one list per metric."""
+    cfg = res.config
+    labels = labels_from_counts(cfg.counts)
+    h1, ws = res.h1.to(torch.float64), [w.to(torch.float64) for w in res.weights]
+    rows = [r for r in layer_metrics(h1, ws, labels, cfg.num_classes) if r["stage"] in ("free", "post")]
+    return {name: [r[name] for r in rows] for name in NC_METRICS}
+
+
 def result_row(item: Mapping[str, Any], res: BatchResult, *, analysis: bool = True) -> dict[str, Any]:
     """One table row: the configuration's parameters, the end of its run and (optionally) its analysis."""
     row: dict[str, Any] = {"key": item["key"], "index": item["index"], **item["params"]}
+    bad = diverged(res)
     row.update(
         loss=res.loss,
         fit=res.fit,
         reg=res.reg,
         grad_norm=res.grad_norm,
         steps=res.steps,
-        stop_reason=res.stop_reason,
+        stop_reason="diverged" if bad else res.stop_reason,
         seconds=round(res.seconds, 3),
     )
-    if analysis and res.stop_reason != "diverged":
+    if bad:
+        row["verdict"] = "diverged"
+    elif analysis:
         from deepcollapse.theory.analysis import analyze_solution
 
         a = analyze_solution(res.h1, res.weights, res.config)
@@ -258,9 +295,10 @@ def result_row(item: Mapping[str, Any], res: BatchResult, *, analysis: bool = Tr
             ratio_srg=a["ratio_srg"],
             rank_pre=a["ranks_pre"],
             rank_post=a["ranks_post"],
-            rank_pre_last=a["ranks_pre"][-1] if a["ranks_pre"] else None,
+            rank_pre_last=a["rank_pre_last"],
             rank_out=a["rank_out"],
             verdict=a["verdict"],
+            **nc_by_layer(res),
         )
     return row
 
@@ -442,8 +480,10 @@ def run_sweep(
             ready, refs = ray.wait(refs, num_returns=1)
             for row in ray.get(ready[0]):
                 save(row)
+    plot_sweep(read_results(out), out / SUMMARY_PLOT)
     return {
         "out": str(out / RESULTS),
+        "plot": str(out / SUMMARY_PLOT),
         "spec_hash": digest,
         "total": len(items),
         "skipped": len(items) - len(todo),
@@ -453,8 +493,53 @@ def run_sweep(
     }
 
 
+LIST_COLUMNS = ("rank_pre", "rank_post", *NC_METRICS)
+
+
+def _as_list(cell: Any) -> Any:
+    """A JSON list cell back as a list (non-finite numbers are written as "nan"/"inf" strings)."""
+    if not isinstance(cell, str) or not cell.startswith("["):
+        return cell
+    return [float(v) if isinstance(v, str) else v for v in json.loads(cell)]
+
+
 def read_results(out: str | Path) -> list[dict[str, Any]]:
-    """The rows of ``out/results.csv`` in spec order (by ``index``), one per configuration."""
+    """The rows of ``out/results.csv`` in spec order (by ``index``), one per configuration; list columns
+    (ranks, per-layer NC metrics) as lists."""
     path = Path(out)
     rows = read_csv(path / RESULTS if path.is_dir() else path)
+    for r in rows:
+        for c in LIST_COLUMNS:
+            if c in r:
+                r[c] = _as_list(r[c])
     return sorted(rows, key=lambda r: r["index"])
+
+
+def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """The sweep at a glance: runs per verdict (left) and ``loss / L_DNC`` of every run, by verdict (right)."""
+    from deepcollapse.plots import _plt
+
+    plt = _plt()
+    verdicts = sorted({str(r.get("verdict") or "-") for r in rows})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    counts = [sum(str(r.get("verdict") or "-") == v for r in rows) for v in verdicts]
+    left.bar(verdicts, counts, color="tab:blue")
+    left.set_ylabel("runs")
+    left.set_title(f"{len(rows)} configurations", fontsize=9)
+    for v in verdicts:
+        pts = [(r["index"], r["ratio_dnc"]) for r in rows if str(r.get("verdict") or "-") == v]
+        pts = [(i, y) for i, y in pts if isinstance(y, float) and math.isfinite(y) and y > 0]
+        if pts:
+            right.scatter(*zip(*pts, strict=True), s=12, label=v)
+    right.axhline(1.0, color="k", lw=1, ls=":")
+    right.set_yscale("log")
+    right.set_xlabel("configuration index")
+    right.set_ylabel("loss / L_DNC")
+    if right.collections:
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -332,7 +332,7 @@ def _solve_cached(
         return lambda phi: _reduced_objective(phi, r=r, num_layers=L, n=n, lambda_h=f * lambda_h, lw=lws)
 
     reduced = reduced_at(1.0)
-    phis, losses = _descend(_starts(theta0, L, restarts, seed)[:, :-3], reduced, adam_steps=500, keep=2)
+    phis, losses = _descend(_starts(theta0, L, restarts, seed)[:, :-3], reduced, adam_steps=250, keep=3)
     cands = [(loss, phi) for loss, phi in zip(losses, phis, strict=True)]
     kc = zero_threshold(num_classes=2, num_layers=L, n=1).kc  # the family's κ past which s_ref = 0
     kappa = reference_kappa(**kw)
