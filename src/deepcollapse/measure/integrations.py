@@ -9,6 +9,8 @@
                                                                       test_loader=test, out="runs/dnc")])
 
 Lightning is imported when this module is; without it, creating the callback raises a one-line error.
+Under a DDP strategy every rank measures its own loaders and the statistics are summed over ranks: give
+each rank its shard, without the padding of ``DistributedSampler`` (padded samples would count twice).
 TensorBoard alone needs no callback: ``DNCMonitor(..., tensorboard="runs/tb")``.
 """
 
