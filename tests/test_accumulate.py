@@ -377,3 +377,33 @@ def test_cuda_matches_cpu(passes: int) -> None:
     for key in ("means", "within_trace", "means_sigma_w", "sigma_w"):
         torch.testing.assert_close(getattr(gpu, key).cpu(), getattr(ref, key), rtol=1e-9, atol=1e-10)
     assert nc1(gpu) == pytest.approx(nc1(cpu), rel=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    size=st.integers(1, 50),
+    cov=st.sampled_from(["auto", "full", "light"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_streamed_low_precision_low_rank_equals_reference(seed: int, size: int, cov: str, dtype: torch.dtype) -> None:
+    """Streamed in any batch size, low-rank class means of low-precision features far from the origin give the
+    float64 reference's NC1 (from the float64 cast of the features as given) to 1e-6."""
+    from deepcollapse.measure.stats import RTOL_FACTOR
+    from reference import np_conventions
+
+    rng = np.random.default_rng(seed)
+    k, d, r = 6, 10, 2
+    base = rng.normal(size=(k, r))
+    base -= base.mean(0)
+    means = base @ np.linalg.qr(rng.normal(size=(d, r)))[0].T * 3.0
+    y = np.arange(60) % k
+    noise = rng.normal(size=(60, d)) * 0.2
+    for c in range(k):
+        noise[y == c] -= noise[y == c].mean(0)
+    offset = 1000.0 if dtype == torch.float32 else 1.0
+    h = torch.from_numpy(means[y] + noise + offset * rng.normal(size=d) / np.sqrt(d)).to(dtype)
+    ref = np_conventions(h.double().numpy(), y, eps_in=float(torch.finfo(dtype).eps), factor=RTOL_FACTOR)
+    assert ref["rank_centred"] == r
+    stats = accumulate_stats(batches(h, torch.from_numpy(y), size), k, cov=cov)
+    assert nc1(stats) == pytest.approx(ref["nc1"], rel=1e-6)
