@@ -29,7 +29,6 @@ decisions, so they agree on every input.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -618,32 +617,3 @@ def dnc_metrics(
     out["mean_norm"] = float(stats.means.norm(dim=1).mean())
     out["rtol"] = tol
     return out
-
-
-# ---------------------------------------------------------------- temporary aliases (old names, see report)
-
-
-def equinorm(stats: ClassStats, *, weighting: Weighting = "samples", center: bool = True) -> float:
-    """Deprecated alias of :func:`nc2_equinorm` (``center=False``: of the uncentred norms)."""
-    warnings.warn("metrics.equinorm is now nc2_equinorm", DeprecationWarning, stacklevel=2)
-    if not center:
-        n = stats.means.norm(dim=1)
-        return float(n.std(unbiased=False) / n.mean()) if n.mean() > 0 else float("nan")
-    return nc2_equinorm(stats, weighting=weighting)
-
-
-def nc3(
-    weight: Tensor,
-    means: Tensor | ClassStats,
-    *,
-    method: Literal["projection", "duality"] = "projection",
-    center: bool = False,
-    weighting: Weighting = "samples",
-    rtol: float | None = None,
-) -> float:
-    """Deprecated alias: ``method="projection"`` is :func:`nc3_span`, ``"duality"`` :func:`nc3_duality`."""
-    if method == "projection":
-        return nc3_span(weight, means, rtol=rtol)
-    if method == "duality":
-        return nc3_duality(weight, means, center=center, weighting=weighting)
-    raise DeepCollapseError(f"method must be 'projection' or 'duality', got {method!r}")
