@@ -45,7 +45,7 @@ def worker(rank: int, out: str, port: int) -> None:
     # The parent owns the rendezvous store (on a port the OS picked), so no port race with other processes
     # and no store file that one rank could remove while the other still tears down.
     store = dist.TCPStore("127.0.0.1", port, is_master=False)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     try:
         torch.set_num_threads(1)
         x, y = data()
@@ -58,16 +58,30 @@ def worker(rank: int, out: str, port: int) -> None:
         one.end_pass()
         stats = one.compute()
         torch.save({"probe": res, "sigma_w": stats.sigma_w, "means": stats.means}, Path(out) / f"rank{rank}.pt")
+        uneven = {}
+        for case in CASES:  # the same process group measures uneven shards and an empty rank
+            shard = uneven_shards(x, y, rank, case)
+            for p in (1, 2):
+                uneven[case, p] = DNCProbe(ddp, layers=("linear", "relu"), num_classes=K, passes=p).measure(shard)
+        torch.save(uneven, Path(out) / f"uneven{rank}.pt")
         dist.barrier()  # both ranks done with every collective before either tears gloo down
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
-def test_two_gloo_processes_equal_one(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One two-process gloo run (its files) shared by the tests below: spawning costs most of their time."""
+    out = tmp_path_factory.mktemp("ddp")
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    mp.spawn(worker, args=(str(tmp_path), store.port), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(str(out), store.port), nprocs=WORLD, join=True)
     del store
+    return out
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_two_gloo_processes_equal_one(ddp_run: Path) -> None:
+    tmp_path = ddp_run
     x, y = data()
     full = DNCProbe(model(), layers=("linear", "relu"), num_classes=K).measure([(x[:100], y[:100]), (x[100:], y[100:])])
     acc = ClassAccumulator(K, passes=1, cov="full")
@@ -98,32 +112,12 @@ def uneven_shards(x: torch.Tensor, y: torch.Tensor, rank: int, case: str) -> lis
     return [(xs[i : i + size], ys[i : i + size]) for i in range(0, len(xs), size)]
 
 
-def uneven_worker(rank: int, out: str, port: int) -> None:
-    store = dist.TCPStore("127.0.0.1", port, is_master=False)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
-    try:
-        torch.set_num_threads(1)
-        x, y = data()
-        ddp = nn.parallel.DistributedDataParallel(model())
-        got = {}
-        for case in CASES:
-            loader = uneven_shards(x, y, rank, case)
-            for p in (1, 2):
-                got[case, p] = DNCProbe(ddp, layers=("linear", "relu"), num_classes=K, passes=p).measure(loader)
-        torch.save(got, Path(out) / f"uneven{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 CASES = ("uneven", "empty")
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
-def test_uneven_shards_and_an_empty_rank_equal_one_process(tmp_path: Path) -> None:
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    mp.spawn(uneven_worker, args=(str(tmp_path), store.port), nprocs=WORLD, join=True)
-    del store
+def test_uneven_shards_and_an_empty_rank_equal_one_process(ddp_run: Path) -> None:
+    tmp_path = ddp_run
     x, y = data()
     for passes in (1, 2):
         full = DNCProbe(model(), layers=("linear", "relu"), num_classes=K, passes=passes).measure([(x, y)])
