@@ -28,15 +28,21 @@ frame as under DNC). With the L+1 penalty terms balanced (AM-GM) the reference p
 :func:`deepcollapse.theory.dnc_objective` with ``K C`` replaced by ``κ``. For equal λ,
 ``(κ/KC)^{L+1} = 2^{L-3} r/(r-1)^{L-2}``: below 1 (so ``L_ref < L_DNC``) for ``L >= 4, r >= 4``.
 
-``L_SRG`` is the minimum of the DUFM loss over all ``2L+3`` scales: ``W_L`` is eliminated by its ridge
+``L_SRG`` is the minimum found of the DUFM loss over all ``2L+3`` scales: ``W_L`` is eliminated by its ridge
 optimum ``W_L = M_L^T (M_L M_L^T + Kλ_{W_L} I)^{-1}`` (it lies in the algebra of ``I, A_1, A_0``), the
-other ``2L`` scales are found by Adam from the reference point, its Kneser variant and random points (one
-batch), then L-BFGS (float64) from the two best. It is reported as the DUFM
-:func:`~deepcollapse.dufm.objective` at explicit parameters (:func:`srg_parameters`) and is an upper bound
-on the DUFM optimum. The optimizer often prefers the Kneser pattern (the ReLU keeps the disjoint edges)
-and earlier ReLUs that clip exactly to ``B``; for L = 3 this is what brings ``L_SRG`` below ``L_DNC``.
-For r = 3 (K = r) nothing is low rank: the family then contains the DNC point, which this search does not
-reach (it stops 4-5 % above ``L_DNC``), so tables start at r = 4.
+other ``2L`` scales are found by Adam from a batch of non-zero starts (the reference point, its Kneser
+variant, perturbed and random points; past the reference's zero threshold, where its ``s`` is 0, the
+reference point at ``s = (L-1)/L``), then by the batched L-BFGS of :mod:`deepcollapse.dufm.multistart` from
+the three best. Near or past that threshold (``κ > κ^*/2``) a continuation in λ adds a candidate: the
+search at all λ's scaled down to ``κ = κ^*/2``, followed back to the given λ's in four geometric steps.
+The result is reported as the DUFM :func:`~deepcollapse.dufm.objective` at explicit parameters
+(:func:`srg_parameters`), never above the reference point, and is an upper bound on the DUFM optimum.
+The optimizer often prefers the Kneser pattern (the ReLU keeps the disjoint edges) and earlier ReLUs that
+clip exactly to ``B``. Where ``L_SRG < L_DNC`` is shown (by ``deepcollapse lowrank table``, tested in
+``tests/test_lowrank.py``) for n = 5, all λ = 0.004: L = 3 for r = 5, 6, 7 (K = 10, 15, 21); L = 4 and 5 for
+r = 4..7 (K = 6..21). At L = 3, r = 4 (K = 6) it stays above ``L_DNC``. Past the DNC family's zero threshold
+the family still goes below 1/2 (K = 10, L = 4, n = 5 at 1.05 times it: 0.4245). For r = 3 (K = r) nothing is
+low rank.
 """
 
 from __future__ import annotations
