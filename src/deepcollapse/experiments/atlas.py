@@ -353,7 +353,9 @@ def plot_atlas(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
     plt = _plt()
     ks = sorted({r["num_classes"] for r in rows})
-    fig, axes = plt.subplots(1, max(1, len(ks)), figsize=(3.2 * max(1, len(ks)), 3.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(1, len(ks)), figsize=(2.2 + 2.6 * max(1, len(ks)), 3.4), squeeze=False, constrained_layout=True
+    )
     for ax, k in zip(axes[0], ks, strict=False):
         sub = [r for r in rows if r["num_classes"] == k]
         ls = sorted({r["num_layers"] for r in sub})
@@ -370,9 +372,10 @@ def plot_atlas(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
         ax.set_xticks(range(len(ls)), [str(v) for v in ls])
         ax.set_yticks(range(len(lams)), [f"{v:g}" for v in lams])
         ax.set_xlabel("L")
-        ax.set_ylabel("λ")
+        if ax is axes[0][0]:
+            ax.set_ylabel("λ")
         ax.set_title(f"K = {k}: best / L_DNC", fontsize=9)
-    fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="best / L_DNC")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
