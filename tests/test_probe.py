@@ -582,6 +582,14 @@ def test_test_set_measured_against_train_means(digits) -> None:
         assert res["pool.1"]["nc4"] == pytest.approx(float((ncc != pred).mean()), abs=1e-12)
         assert res["pool.1"]["nc1"] == pytest.approx(own["pool.1"]["nc1"], rel=1e-8)
         assert res["pool.1"]["ncc_accuracy"] != pytest.approx(own["pool.1"]["ncc_accuracy"], abs=1e-3)
+    few = train[1] != 7  # a train set without class 7: its reference means cover 9 classes
+    probe.measure(loader(train[0][few], train[1][few], 64))
+    part = dict(probe.stats)
+    assert part["pool.1"].class_ids == [0, 1, 2, 3, 4, 5, 6, 8, 9]
+    res = DNCProbe(model, layers="pool.1", num_classes=K).measure(loader(*test, 64), reference=part)
+    keep = test[1] != 7
+    ncc = np.array(part["pool.1"].class_ids)[np_ncc(feat[keep.numpy()], part["pool.1"].means.numpy())]
+    assert res["pool.1"]["ncc_accuracy"] == pytest.approx(float((ncc == test[1][keep].numpy()).mean()), abs=1e-12)
     with pytest.raises(DeepCollapseError, match="reference has no statistics for layer fc"):
         probe.measure(loader(*test, 64), reference={"pool.1": train_stats["pool.1"]})
     with pytest.raises(DeepCollapseError, match="reference must map row names to ClassStats"):

@@ -30,8 +30,8 @@ name, or none (``classifier=None``).
 
 Test-set protocol (Galanti et al. 2022): ``measure(test_loader, reference=train_stats)`` computes
 ``ncc_accuracy`` and ``nc4`` against the *reference* class means (``probe.stats`` of a train-set
-measurement); every other metric uses the test set's own statistics. With a reference, one pass suffices
-for the NCC metrics.
+measurement); every other metric uses the test set's own statistics. Test samples of classes the reference
+lacks are left out of those two. With a reference, one pass suffices for the NCC metrics.
 
 Model state. The probe measures in eval mode (``mode="eval"``, default); ``mode="train"`` measures in
 train mode with a warning (dropout and batch statistics make the two passes see different features).
@@ -568,7 +568,9 @@ class DNCProbe:
         ref = None
         if self._reference is not None:  # NCC and NC4 about the reference's class means (one pass)
             means = self._reference_for(name, call)
-            ref = ClassAccumulator(k, name=f"{where} (reference means)", means=means, cov=self.options["cov"])
+            ref = ClassAccumulator(  # samples of classes the reference lacks are left out of NCC and NC4
+                k, name=f"{where} (reference means)", means=means, classes=means.class_ids, cov=self.options["cov"]
+            )
         return _Site(name, call, out, weight, inp, bias, ref)
 
     def _post_hook(self, name: str) -> Callable[..., None]:
@@ -699,9 +701,9 @@ class DNCProbe:
         if not isinstance(reference, Mapping) or not all(isinstance(s, ClassStats) for s in reference.values()):
             raise DeepCollapseError("reference must map row names to ClassStats, e.g. probe.stats of a train-set run")
         for row, s in reference.items():
-            if s.num_classes != self.num_classes:
+            if max(s.class_ids) >= self.num_classes:
                 raise DeepCollapseError(
-                    f"reference[{row!r}] has {s.num_classes} classes, num_classes={self.num_classes}"
+                    f"reference[{row!r}] has labels up to {max(s.class_ids)}, num_classes={self.num_classes}"
                 )
         return {_key_of(row): s for row, s in reference.items()}
 
