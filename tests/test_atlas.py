@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from deepcollapse._validate import DeepCollapseError
 from deepcollapse.cli import app
 from deepcollapse.experiments.atlas import AtlasOptions, atlas_cells, read_atlas, run_atlas
-from dufm_reference import np_dnc_loss
+from dufm_reference import np_dnc_loss, np_dufm_loss
 
 FAST = AtlasOptions(n_per_class=3, random=1, low_rank=1, adam_steps=400)
 runner = CliRunner()
@@ -57,6 +58,9 @@ def test_two_classes_end_at_dnc_and_resume(tmp_path, one_thread):
         assert r["dnc_loss"] == pytest.approx(d, rel=1e-9)
         assert d * (1 - 1e-9) <= r["best_loss"] <= d * (1 + 1e-6)
         assert r["verdict"] == "dnc" and r["srg_loss"] is None and r["theorem_violation"] is False
+        point = torch.load(out / "points" / f"{r['key']}.pt", weights_only=True)
+        h1, ws = point["h1"].numpy(), [w.numpy() for w in point["weights"]]
+        assert np_dufm_loss(h1, ws, [3, 3], r["lambda"], r["lambda"]) == pytest.approx(r["best_loss"], rel=1e-12)
     assert (out / "atlas.png").stat().st_size > 0
     # a torn last line (a crash mid-write) is dropped with a warning and its cell runs again
     text = (out / "atlas.csv").read_text()

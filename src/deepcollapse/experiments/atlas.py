@@ -17,8 +17,10 @@ For ``K = 2`` the DNC optimum is proven global (any L), so ``best_loss < L_DNC``
 row then gets ``theorem_violation`` true and the run ends with an error after writing it.
 
 Rows are appended to ``DIR/atlas.csv`` (fsynced) as each (K, L) group finishes; ``DIR/atlas.json`` keeps
-the grid and the search options. ``resume=True`` skips the cells already in the table (a torn last line,
-from a crash in the middle of a write, is dropped with a warning and its cell rerun).
+the search options; ``DIR/points/<key>.pt`` holds each cell's best point (``torch.load`` gives ``{"h1",
+"weights", "config"}``), so every reported loss can be recomputed from explicit parameters.
+``resume=True`` skips the cells already in the table (a torn last line, from a crash in the middle of a
+write, is dropped with a warning and its cell rerun).
 """
 
 from __future__ import annotations
@@ -38,11 +40,11 @@ import torch
 from deepcollapse._validate import DeepCollapseError, check_positive_int, check_real
 from deepcollapse.dufm.model import DUFMConfig, labels_from_counts
 from deepcollapse.dufm.multistart import SearchOptions, SearchResult, Start, continuation, multistart
-from deepcollapse.files import append_csv_rows, prepare_out_dir, read_csv, read_json, write_json
+from deepcollapse.files import append_csv_rows, prepare_out_dir, read_csv, read_json, save_torch, write_json
 
 __all__ = ["ATLAS_COLUMNS", "AtlasOptions", "atlas_cells", "plot_atlas", "read_atlas", "run_atlas", "search_group"]
 
-TABLE, META = "atlas.csv", "atlas.json"
+TABLE, META, POINTS = "atlas.csv", "atlas.json", "points"
 ATLAS_COLUMNS = (
     "key",
     "num_classes",
@@ -200,6 +202,7 @@ def _row(cell: dict[str, Any], res: SearchResult, seconds: float) -> dict[str, A
         "theorem_violation": cfg.num_classes == 2 and rec["loss"] < d_loss * (1 - 1e-9),
         "starts": len(res.starts),
         "seconds": round(seconds, 2),
+        "_point": {"h1": res.h1, "weights": res.weights, "config": cfg.to_dict()},  # saved, not a column
     }
 
 
@@ -308,6 +311,8 @@ def run_atlas(
     violations = []
 
     def save(rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            save_torch(out / POINTS / f"{row['key']}.pt", row.pop("_point"))
         append_csv_rows(out / TABLE, rows, ATLAS_COLUMNS)
         for row in rows:
             if row["theorem_violation"]:
