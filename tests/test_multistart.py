@@ -106,3 +106,20 @@ def test_multistart_bad_input():
         multistart([a], random=0, low_rank=0)
     with pytest.raises(DeepCollapseError, match="x0 must be"):
         lbfgs(lambda x, rows: x.sum(), torch.zeros(3, dtype=F64))
+
+
+@pytest.mark.slow
+def test_three_classes_four_layers_below_dnc(one_thread):
+    """K = 3, L = 4, n = 5, λ = 0.004: a point 2.3 % below L_DNC whose class means before the last ReLU
+    have rank 2 (found by the atlas; here from its random starts), checked with numpy."""
+    cfg = DUFMConfig(num_classes=3, n_per_class=5, num_layers=4, width=9, lambda_h=0.004, lambda_w=0.004)
+    (res,) = multistart([cfg], random=6, low_rank=0)
+    ws = [w.numpy() for w in res.weights]
+    loss = np_dufm_loss(res.h1.numpy(), ws, cfg.counts, 0.004, 0.004)
+    assert loss == pytest.approx(res.loss, rel=1e-12)
+    assert loss / np_dnc_loss(3, 4, 5, 0.004) < 0.978
+    h = res.m1.numpy()
+    for w in ws[:-2]:
+        h = np.maximum(w @ h, 0.0)
+    sv = np.linalg.svd(ws[-2] @ h, compute_uv=False)
+    assert sv[2] < 1e-4 * sv[0] and sv[1] > 0.1 * sv[0]  # rank 2 before the last ReLU
