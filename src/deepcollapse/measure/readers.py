@@ -352,10 +352,9 @@ class MeasureOptions:
 
     ``batch_size`` rows read at a time; ``device`` where the statistics accumulate; ``passes`` and ``cov``
     as in :class:`~deepcollapse.measure.accumulate.ClassAccumulator` (``None``: its default);
-    ``normalize`` and ``weighting`` as in :func:`~deepcollapse.measure.metrics.dnc_metrics` (their defaults are
-    read from those signatures); ``rtol`` the
-    relative singular-value cutoff of every pseudo-inverse and rank (``None``: the precision of the features
-    as given).
+    ``normalize`` and ``weighting`` as in :func:`~deepcollapse.measure.metrics.dnc_metrics` (their defaults
+    are read from those signatures); ``rtol`` the relative singular-value cutoff of every pseudo-inverse and
+    rank (``None``: the precision of the features as given).
     """
 
     batch_size: int = 4096
