@@ -42,7 +42,8 @@ clip exactly to ``B``. Where ``L_SRG < L_DNC`` is shown (by ``deepcollapse lowra
 ``tests/test_lowrank.py``) for n = 5, all λ = 0.004: L = 3 for r = 5, 6, 7 (K = 10, 15, 21); L = 4 and 5 for
 r = 4..7 (K = 6..21). At L = 3, r = 4 (K = 6) it stays above ``L_DNC``. Past the DNC family's zero threshold
 the family still goes below 1/2 (K = 10, L = 4, n = 5 at 1.05 times it: 0.4245). For r = 3 (K = r) nothing is
-low rank.
+low rank. Searches over the whole DUFM (:mod:`deepcollapse.experiments.atlas`) find more settings below
+``L_DNC``; docs/atlas.md lists them with their commands.
 """
 
 from __future__ import annotations
