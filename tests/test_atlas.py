@@ -108,3 +108,20 @@ def test_ray_backend_matches_local(tmp_path):
     assert summary["ran"] == 1
     (a,), (b,) = read_atlas(tmp_path / "local"), read_atlas(tmp_path / "ray")
     assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+
+
+def test_a_two_class_cell_below_dnc_is_reported_as_a_bug(tmp_path, monkeypatch):
+    """The theorem forbids K = 2 below L_DNC: such a row is written, flagged, and the run ends in an error."""
+    import deepcollapse.theory.analysis as analysis
+
+    real = analysis.analyze_solution
+
+    def lower(*args, **kwargs):
+        rec = real(*args, **kwargs)
+        return {**rec, "loss": rec["dnc_loss"] * 0.999}
+
+    monkeypatch.setattr(analysis, "analyze_solution", lower)
+    with pytest.raises(DeepCollapseError, match="which the theorem forbids"):
+        run_atlas([2], [2], [0.004], tmp_path, options=FAST, threads=1, workers=1)
+    (row,) = read_atlas(tmp_path)
+    assert row["theorem_violation"] is True
