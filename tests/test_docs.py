@@ -172,3 +172,16 @@ def test_readme_links_exist():
     assert targets
     missing = [t for t in targets if t and not (ROOT / t).exists()]
     assert not missing, f"README.md links to missing files: {missing}"
+
+
+def test_api_reference_covers_every_module():
+    """docs/api.md documents every public module (not the CLI, not private ``_`` modules)."""
+    src = ROOT / "src" / "deepcollapse"
+    modules = {
+        ".".join(("deepcollapse", *p.relative_to(src).with_suffix("").parts))
+        for p in src.rglob("*.py")
+        if p.name != "__init__.py" and not p.name.startswith("_") and "cli" not in p.relative_to(src).parts
+    }
+    documented = set(re.findall(r"^::: ([\w.]+)", (ROOT / "docs" / "api.md").read_text(encoding="utf-8"), re.M))
+    assert modules, "no modules found"
+    assert not modules - documented, f"missing from docs/api.md: {sorted(modules - documented)}"
