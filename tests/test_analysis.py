@@ -41,7 +41,7 @@ def test_every_optimum_is_dnc_whatever_the_h1_angle(K, L, h1):
     h, ws = optimal_parameters(cfg, h1=h1, generator=torch.Generator().manual_seed(K + L))
     a = analyze_solution(h, ws, cfg, srg=False)
     assert a["verdict"] == "dnc", a["checks"]
-    assert a["checks"] == {"gap": True, "nc1": True, "orth_frame": True, "norms": True}
+    assert a["checks"] == {"gap": True, "nc1": True, "nc2_orth": True, "norms": True}
     assert abs(a["gap"]) < 1e-13 and a["rel_grad_norm"] < 1e-10
     if L >= 2:
         assert a["ranks_pre"][0] == {"orthogonal": K, "antipodal": 1, "etf": K - 1}[h1]
@@ -56,7 +56,7 @@ def test_zero_solution_past_the_threshold():
     h, ws = optimal_parameters(cfg)
     a = analyze_solution(h, ws, cfg, srg=False)
     assert a["verdict"] == "zero" and a["loss"] == 0.5 and a["gap"] == 0.0
-    assert a["checks"] == {"gap": None, "nc1": None, "orth_frame": None, "norms": None}
+    assert a["checks"] == {"gap": None, "nc1": None, "nc2_orth": None, "norms": None}
     assert a["ranks_pre"] == [0, 0] and a["rank_out"] == 0
     # below the threshold the zero point is not the DNC optimum: not "dnc", still "zero"
     below = _cfg(3, 3)
@@ -107,7 +107,7 @@ def test_verdict_tolerance_boundaries(h1, eps):
     worst_dist = max(
         a["s_rel_err"],
         *(e[k] for e in a["layers"] for k in ("mean_norm_rel_err", "weight_norm_rel_err")),
-        *(e["orth_frame"] for e in a["layers"][1:]),
+        *(e["nc2_orth"] for e in a["layers"][1:]),
     )
     need = max(worst_sq, worst_dist**2)  # the smallest tolerance that accepts it
     assert 1e-8 < need < 1e-1
@@ -184,8 +184,8 @@ def test_plot_spectra(tmp_path):
         ("nc1", 0, 2e-3, "nc1"),
         ("nc1", 3, 2e-3, "nc1"),
         ("nc1", 2, math.nan, "nc1"),
-        ("orth_frame", 1, 0.04, "orth_frame"),
-        ("orth_frame", 3, 0.04, "orth_frame"),
+        ("nc2_orth", 1, 0.04, "nc2_orth"),
+        ("nc2_orth", 3, 0.04, "nc2_orth"),
         ("mean_norm_rel_err", 0, 0.04, "norms"),
         ("weight_norm_rel_err", 3, 0.04, "norms"),
         ("s_rel_err", None, 0.04, "norms"),

@@ -35,7 +35,8 @@ def test_done_criterion_run(tmp_path):
     assert abs(summary["gap"]) < 1e-4
     assert [e["layer"] for e in summary["layers"]] == [1, 2, 3]
     assert all(e["nc1"] < 1e-4 for e in summary["layers"])
-    assert all({"layer", "nc1", "nc2", "nc3"} <= set(e) for e in summary["layers"])
+    assert all({"layer", "nc1", "nc2_etf", "nc3_span"} <= set(e) for e in summary["layers"])
+    assert all(("nc2_orth" in e) == (e["stage"] == "post") for e in summary["layers"])
     assert summary["analysis"]["verdict"] == "dnc" and summary["analysis"]["gap"] == summary["gap"]
     assert summary["stop_reason"] == "gap" and summary["certificate"]["gap"] <= 1e-9  # K = 2: a certified gap
     for name in ("config.json", "history.csv", "loss.png", "metrics.png", "checkpoint.pt"):

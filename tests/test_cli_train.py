@@ -46,11 +46,11 @@ def test_train_writes_results(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert {"train_accuracy", "test_accuracy", "layers", "theory", "fit_optimal"} <= set(summary)
     assert [e["layer"] for e in summary["layers"]] == ["h1", "l2", "l3", "out"]
-    assert {"nc1", "nc2", "nc3"} <= set(summary["layers"][0])
+    assert {"nc1", "nc2_orth", "nc2_etf", "nc3_span", "ncc_accuracy"} <= set(summary["layers"][0])
     assert summary["theory"]["n"] == 40 and summary["theory"]["num_classes"] == 2
     assert f"verdict of the head's solution: {summary['theory']['verdict']}." in r.output.replace("\n", " ")
     cols = set(read_csv(out / "history.csv")[0])
-    assert {"epoch", "nc1_h1", "nc1_l2", "nc1_l3", "nc2_l3", "nc3_l2", "train_acc", "test_acc"} <= cols
+    assert {"epoch", "nc1_h1", "nc1_l2", "nc1_l3", "nc2_orth_l3", "nc3_span_l2", "train_acc", "test_acc"} <= cols
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["classes"] == [0, 1] and config["net"]["head_layers"] == 3
     assert (out / "metrics.png").exists() and (out / "loss.png").exists()

@@ -107,7 +107,19 @@ def test_history_is_log_spaced_with_metrics_and_gap():
     steps = [r["step"] for r in res.history]
     assert steps[0] == 0 and steps[-1] == 1000 and steps == sorted(set(steps))
     assert 15 <= len(steps) <= 25
-    for key in ("loss", "fit", "reg", "gap", "nc1_l1", "nc1_l3", "nc2_l2", "nc3_l3", "nc1_pre2", "rank_pre3"):
+    for key in (
+        "loss",
+        "fit",
+        "reg",
+        "gap",
+        "nc1_l1",
+        "nc1_l3",
+        "nc2_orth_l2",
+        "nc2_etf_l1",
+        "nc3_span_l3",
+        "nc1_pre2",
+        "rank_pre3",
+    ):
         assert key in res.history[-1]
     assert all(r["loss"] == pytest.approx(r["fit"] + r["reg"]) for r in res.history)
 

@@ -118,7 +118,7 @@ def test_dufm_loss_at_optimal_parameters_equals_dnc_loss(kw, h1):
         return
     for e in report["layers"]:
         assert e["mean_norm_rel_err"] < 1e-12 and e["weight_norm_rel_err"] < 1e-12 and e["nc1"] < 1e-20
-        assert e["orth_frame"] is None if e["layer"] == 1 else e["orth_frame"] < 1e-7
+        assert e["nc2_orth"] is None if e["layer"] == 1 else e["nc2_orth"] < 1e-7
     K = cfg.num_classes
     cos = {"orthogonal": 0.0, "antipodal": -1.0, "etf": -1.0 / (K - 1)}[h1]
     assert report["h1_cos"] == pytest.approx([cos] * (K * (K - 1) // 2), abs=1e-12)
@@ -200,7 +200,7 @@ def test_check_reports_measured_values_of_a_random_point():
         # of the reference differ there in the 7th digit (a layer mix-up changes nc1 by far more)
         assert e["nc1"] == pytest.approx(ref["nc1"], rel=1e-9 if e["layer"] == 1 else 1e-5)
         if e["layer"] > 1:
-            assert e["orth_frame"] == pytest.approx(ref["nc2_orth"], rel=1e-9)
+            assert e["nc2_orth"] == pytest.approx(ref["nc2_orth"], rel=1e-9)
     means_h1 = np.stack([h[:, 4 * c : 4 * c + 4].mean(1) for c in range(3)])
     unit = means_h1 / np.linalg.norm(means_h1, axis=1, keepdims=True)
     assert report["h1_cos"] == pytest.approx([unit[0] @ unit[1], unit[0] @ unit[2], unit[1] @ unit[2]], rel=1e-12)

@@ -101,7 +101,7 @@ def test_nc1_falls_in_the_head(tmp_path: Path, digits: Dataset) -> None:
     assert h[-1]["nc1_out"] < h[0]["nc1_out"] / 10
     assert res.summary["train_accuracy"] == 1.0
     rows = read_csv(tmp_path / "run" / "history.csv")
-    assert len(rows) == 20 and {"nc1_h1", "nc2_l2", "nc3_l3", "test_acc", "dufm_loss"} <= set(rows[0])
+    assert len(rows) == 20 and {"nc1_h1", "nc2_orth_l2", "nc3_span_l3", "test_acc", "dufm_loss"} <= set(rows[0])
     th = res.summary["theory"]
     assert th["loss"] > th["dnc_loss"] > 0  # K = 2: L_DNC is the global optimum
     assert [e["layer"] for e in res.summary["layers"]] == ["h1", "l2", "l3", "out"]
@@ -160,8 +160,8 @@ def test_theory_comparison_at_the_dufm_optimum() -> None:
     res = compare_with_theory(h1.T, ws, labels_from_counts([5, 5]), cfg, num_classes=2)
     assert res["dnc_loss"] == pytest.approx(0.029794, abs=1e-6)  # docs/theory.md
     assert abs(res["gap"]) < 1e-10 and res["n"] == 5 and res["verdict"] == "dnc"
-    assert all(e["nc3"] < 1e-10 for e in res["layers"])
-    assert all(e["orth_frame"] < 1e-10 for e in res["layers"][1:])
+    assert all(e["nc3_span"] < 1e-10 for e in res["layers"])
+    assert all(e["nc2_orth"] < 1e-10 for e in res["layers"][1:])
 
 
 def test_fit_to_optimal(digits: Dataset) -> None:
@@ -184,7 +184,7 @@ def test_make_config_precedence() -> None:
 
 def test_cross_entropy_and_measured_subset(tmp_path: Path, digits: Dataset) -> None:
     res = train(small(epochs=2, loss="ce", measure_per_class=10), tmp_path / "ce", data=digits, num_threads=1)
-    assert len(res.history) == 2 and res.history[-1]["nc4_l3"] >= 0.5
+    assert len(res.history) == 2 and res.history[-1]["ncc_accuracy_l3"] >= 0.5
     assert res.summary["theory"]["loss"] > 0  # the head is still compared in DUFM (MSE) units
 
 

@@ -91,7 +91,7 @@ def plot_metric_curves(
     rows: Sequence[Mapping[str, Any]],
     path: str | Path,
     *,
-    metrics: Sequence[str] = ("nc1", "nc2", "nc3"),
+    metrics: Sequence[str] = ("nc1", "nc2_orth", "nc3_span"),
     layer_keys: Sequence[str] | None = None,
     x: str = "step",
     logx: bool = True,
@@ -122,7 +122,7 @@ def plot_metric_curves(
         if use_logx:
             ax.set_xscale("log")
         ax.set_xlabel(x)
-        ax.set_title(metric.upper())
+        ax.set_title(metric)
         if suffixes:
             ax.legend(fontsize=7, ncol=2)
     if title:
@@ -138,7 +138,7 @@ def plot_metrics_vs_depth(
     layers: Sequence[Mapping[str, Any]],
     path: str | Path,
     *,
-    metrics: Sequence[str] = ("nc1", "nc2_etf", "nc2_orth", "nc3", "cdnv"),
+    metrics: Sequence[str] = ("nc1", "nc2_etf", "nc2_orth", "nc3_span", "cdnv"),
     label: str = "name",
     title: str = "DNC metrics by layer",
 ) -> Path:

@@ -159,7 +159,7 @@ def report(summary: dict, out: Path) -> None:
     rows = []
     for e in summary["layers"]:
         rows.append({**e, "layer": f"{e['layer']} ({'H1' if e['stage'] == 'free' else 'post-ReLU'})"})
-    print_table("per-layer DNC metrics", rows, ["layer", "nc1", "nc2", "nc3", "rank", "mean_norm"])
+    print_table("per-layer DNC metrics", rows, ["layer", "nc1", "nc2_orth", "nc3_span", "rank", "mean_norm"])
     failed = [k for k, ok in a["checks"].items() if ok is False]
     why = f" (fails: {', '.join(failed)})" if failed and a["verdict"] != "dnc" else ""
     cos = ", ".join(f"{c:+.3f}" for c in a["h1_cos"][:6])

@@ -18,11 +18,13 @@ def _classes(text: str | None) -> list[int] | None:
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    from deepcollapse.nets.train import LAYER_METRICS
+
     layers = summary["layers"]
     print_table(
         f"DNC per layer, whole training set, epoch {summary['epochs']}",
         layers,
-        ["layer", "nc1", "nc2", "etf", "nc3", "nc4"],
+        ["layer", *(m for m in LAYER_METRICS if m not in ("cdnv", "mean_norm"))],
     )
     first, last = summary["nc1_first_epoch"], summary["nc1_last_epoch"]
     rows = [

@@ -270,7 +270,7 @@ def layer_metrics(h1: Tensor, weights: Sequence[Tensor], labels: Tensor, num_cla
 
     One entry per (layer, stage): layer 1 stage ``"free"`` (H1, with ``W_1``); for l = 2..L stage ``"pre"``
     (``H̃_l``) and ``"post"`` (``H_l``, with ``W_l``). Each entry holds ``layer``, ``stage`` and the keys of
-    :func:`deepcollapse.metrics.dnc_metrics`; ``nc3`` is W_l's alignment with the means of its input H_l.
+    :func:`deepcollapse.metrics.dnc_metrics`; ``nc3_span`` is W_l's alignment with the means of its input H_l.
     """
     with torch.no_grad():
         pre, post, _ = forward(h1, weights)

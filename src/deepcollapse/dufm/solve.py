@@ -130,10 +130,11 @@ def log_steps(max_steps: int, points: int) -> set[int]:
 
 
 def flat_metrics(layers: list[dict[str, Any]]) -> dict[str, float]:
-    """Per-layer metrics as flat columns: ``nc1_l1``, ``nc2_l2``, ``nc3_l2``, ``nc1_pre2``, ``rank_pre2``...
+    """Per-layer metrics as flat columns ``<name>_l<layer>`` with the names of :data:`metrics.METRICS`.
 
-    ``nc2`` is the orthogonal-frame distance (the DUFM's target after a ReLU, layers >= 2); H1's means
-    have no fixed frame, so layer 1 has ``nc2etf_l1`` only.
+    ``nc1_l1``, ``nc2_orth_l2``, ``nc2_etf_l1``, ``nc3_span_l2``, ``rank_l2``; pre-activations as ``nc1_pre2``,
+    ``rank_pre2``. ``nc2_orth`` (the orthogonal-frame distance, the DUFM's target after a ReLU) is written for the
+    post-ReLU layers >= 2; H1's means have no fixed frame, so layer 1 has ``nc2_etf_l1`` only.
     """
     row: dict[str, float] = {}
     for e in layers:
@@ -143,12 +144,10 @@ def flat_metrics(layers: list[dict[str, Any]]) -> dict[str, float]:
             row[f"rank_pre{l}"] = e["rank"]
             continue
         row[f"nc1_l{l}"] = e["nc1"]
-        if e["stage"] == "post":
-            row[f"nc2_l{l}"] = e["nc2_orth"]
-        else:
-            row[f"nc2etf_l{l}"] = e["nc2_etf"]
+        nc2 = "nc2_orth" if e["stage"] == "post" else "nc2_etf"
+        row[f"{nc2}_l{l}"] = e[nc2]
         if "nc3_span" in e:
-            row[f"nc3_l{l}"] = e["nc3_span"]
+            row[f"nc3_span_l{l}"] = e["nc3_span"]
         row[f"rank_l{l}"] = e["rank"]
     return row
 

@@ -55,18 +55,21 @@ def _theory_block(cfg: DUFMConfig) -> dict[str, Any] | None:
     return block
 
 
+#: The registry names (:data:`deepcollapse.measure.metrics.METRICS`) of each ``summary.json`` layer entry.
+SUMMARY_METRICS = ("nc1", "nc2_etf", "nc2_orth", "nc2_equinorm", "nc3_span", "nc3_duality", "cdnv", "ncc_accuracy",
+                   "rank", "mean_norm")  # fmt: skip
+
+
 def _layer_entries(layers: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Split :func:`dufm.layer_metrics` rows into per-layer (H1, post-ReLU) and pre-activation entries."""
     main, pre = [], []
-    # output name -> dnc_metrics name (the metrics registry renamed nc3, nc4 and equinorm)
-    keep = {k: k for k in ("nc1", "nc2_etf", "nc2_orth", "nc3_duality", "cdnv", "rank", "mean_norm")}
-    keep |= {"nc3": "nc3_span", "nc4": "ncc_accuracy", "equinorm": "nc2_equinorm"}
     for e in layers:
-        entry = {"layer": e["layer"], "stage": e["stage"], **{k: e[v] for k, v in keep.items() if v in e}}
+        # H1's means have no fixed frame: nc2_orth (the DUFM's target after a ReLU) only from layer 2 on
+        names = [k for k in SUMMARY_METRICS if k in e and not (k == "nc2_orth" and e["stage"] == "free")]
+        entry = {"layer": e["layer"], "stage": e["stage"], **{k: e[k] for k in names}}
         if e["stage"] == "pre":
             pre.append(entry)
         else:
-            entry["nc2"] = e["nc2_orth"] if e["stage"] == "post" else None
             main.append(entry)
     return main, pre
 
@@ -213,9 +216,9 @@ def draw_plots(out: Path, history: list[dict[str, Any]], summary: dict[str, Any]
     plots.plot_metric_curves(
         rows,
         out / "metrics.png",
-        metrics=("nc1", "nc2", "nc3"),
+        metrics=("nc1", "nc2_orth", "nc3_span"),
         layer_keys=[f"l{i}" for i in range(1, num_layers + 1)],
         x="step",
-        title="per-layer DNC metrics (nc2: orthogonal frame, layers >= 2)",
+        title="per-layer DNC metrics (nc2_orth: layers >= 2)",
     )
     plot_spectra(summary["analysis"], out / "spectra.png")

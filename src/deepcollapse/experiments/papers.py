@@ -49,12 +49,12 @@ def _save(fig: Any, path: Path) -> str:
 
 
 def _dnc_metrics_max(h1: torch.Tensor, ws: list[torch.Tensor], counts: list[int]) -> dict[str, float]:
-    """Largest NC1 (every layer), orthogonal-frame NC2 (post-ReLU layers) and NC3 (every W_l) of a solution."""
+    """Largest ``nc1`` (every layer), ``nc2_orth`` (post-ReLU layers) and ``nc3_span`` (every W_l) of a solution."""
     rows = layer_metrics(h1.double(), [w.double() for w in ws], labels_from_counts(counts), len(counts))
     return {
         "nc1": max(r["nc1"] for r in rows),
-        "nc2": max((r["nc2_orth"] for r in rows if r["stage"] == "post"), default=0.0),
-        "nc3": max(r["nc3_span"] for r in rows if "nc3_span" in r),
+        "nc2_orth": max((r["nc2_orth"] for r in rows if r["stage"] == "post"), default=0.0),
+        "nc3_span": max(r["nc3_span"] for r in rows if "nc3_span" in r),
     }
 
 
@@ -65,9 +65,9 @@ def _fraction(flags: list[bool]) -> float:
 def _plot_k2(rows: list[dict[str, Any]], path: Path, *, steps: int) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    for key, mark in (("gap", "o"), ("nc1", "s"), ("nc2", "^"), ("nc3", "v")):
+    for key, mark in (("gap", "o"), ("nc1", "s"), ("nc2_orth", "^"), ("nc3_span", "v")):
         ax.semilogy([r["L"] + 0.05 * i for i, r in enumerate(rows)], [max(abs(r[key]), 1e-17) for r in rows],
-                    mark, label="|loss/L_DNC - 1|" if key == "gap" else f"max {key.upper()}")  # fmt: skip
+                    mark, label="|loss/L_DNC - 1|" if key == "gap" else f"max {key}")  # fmt: skip
     ax.axhline(LOSS_RTOL, color="k", ls=":", lw=1)
     ax.set_xlabel("depth L")
     ax.set_title(f"K = 2, plain GD, {steps} steps", fontsize=9)
@@ -116,12 +116,12 @@ def dufm_k2_gd(out: Path, p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, A
                    f"√{LOSS_RTOL:g}): fraction of runs", measured=_fraction([r["verdict"] == "dnc" for r in rows]),
                    expected=1.0, tolerance=0.0, run=run,
                    if_failed="some run is not yet at the DNC optimum: near it GD's gap closes like 1/steps and the "
-                   "orthogonal-frame error like its square root (see k2_gd.csv: nc2 per run)"),
+                   "orthogonal-frame error like its square root (see k2_gd.csv: nc2_orth per run)"),
     ]  # fmt: skip
     notes = [
-        "NC2 (orthogonal frame after the ReLUs) and NC3 shrink like the square root of the loss gap, and GD's gap "
-        "closes like 1/steps on deep DUFMs: their values are in k2_gd.csv and the figures; the DNC judgement uses "
-        "the solution analysis (ranks and the loss against L_DNC)."
+        "nc2_orth (orthogonal frame after the ReLUs) and nc3_span shrink like the square root of the loss gap, "
+        "and GD's gap closes like 1/steps on deep DUFMs: their values are in k2_gd.csv and the figures; the DNC "
+        "judgement uses the solution analysis (ranks and the loss against L_DNC)."
     ]
     return {"claims": claims, "figures": figs, "settings": p, "notes": notes}
 

@@ -47,6 +47,7 @@ from deepcollapse.theory.analysis import analyze_solution
 
 __all__ = [
     "BACKBONE_DEFAULTS",
+    "LAYER_METRICS",
     "LOSSES",
     "OPTIMIZERS",
     "PRESETS",
@@ -254,16 +255,22 @@ def collect_features(model: DUFMNet, x: Tensor, *, batch_size: int = 512) -> tup
     return torch.cat(h1s), hidden, torch.cat(outs)
 
 
+#: The registry names (:data:`deepcollapse.measure.metrics.METRICS`) each layer row and ``history.csv`` carry.
+LAYER_METRICS = ("nc1", "nc2_orth", "nc2_etf", "nc3_span", "ncc_accuracy", "cdnv", "mean_norm")
+assert set(LAYER_METRICS) <= set(M.METRICS)
+
+
 def epoch_metrics(
     features: list[Tensor], labels: Tensor, num_classes: int, weights: list[Tensor]
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Per-layer DNC metrics of ``features = [H1, H_2..H_L, out]`` (rows are samples).
 
-    Columns ``<metric>_<layer>`` (layers from :func:`layer_names`): ``nc1`` (tr(Σ_W Σ_B⁺)/K), ``nc2``
+    Columns ``<metric>_<layer>`` (layers from :func:`layer_names`), with the names of
+    :data:`deepcollapse.measure.metrics.METRICS` (:data:`LAYER_METRICS`): ``nc1`` (tr(Σ_W Σ_B⁺)/K), ``nc2_orth``
     (orthogonal-frame distance of the uncentred means, the DUFM's target after a ReLU and at the output),
-    ``etf`` (simplex-ETF distance of the centred means), ``nc3`` (fraction of ``W_l`` outside the span of
-    layer l's class means; none at ``out``), ``nc4`` (nearest-class-centre accuracy), ``cdnv``, ``norm``
-    (mean class-mean norm). Also returns one dict per layer.
+    ``nc2_etf`` (simplex-ETF distance of the centred means), ``nc3_span`` (fraction of ``W_l`` outside the span
+    of layer l's class means; none at ``out``), ``ncc_accuracy`` (nearest-class-centre accuracy), ``cdnv``,
+    ``mean_norm`` (mean class-mean norm). Also returns one dict per layer.
     """
     names = layer_names(len(weights))
     flat: dict[str, float] = {}
@@ -272,16 +279,7 @@ def epoch_metrics(
     for name, h, w in zip(names, features, [*weights, None], strict=True):
         stats = M.class_stats(h.detach().cpu(), labels, num_classes)  # on the CPU: deterministic sums
         m = M.dnc_metrics(stats, weight=None if w is None else w.detach().cpu())
-        row = {
-            "layer": name,
-            "nc1": m["nc1"],
-            "nc2": m["nc2_orth"],
-            "etf": m["nc2_etf"],
-            "nc3": m.get("nc3_span"),
-            "nc4": m["ncc_accuracy"],
-            "cdnv": m["cdnv"],
-            "norm": m["mean_norm"],
-        }
+        row = {"layer": name, **{k: m.get(k) for k in LAYER_METRICS}}
         rows.append(row)
         for k, v in row.items():
             if k != "layer" and v is not None:
@@ -311,7 +309,7 @@ def compare_with_theory(
     one solution record of :func:`deepcollapse.theory.analysis.analyze_solution` on ``(H1^T, W)`` -- the
     DUFM objective ``loss`` against ``dnc_loss`` = L_DNC and their relative ``gap``, the output scale, per-layer
     norms, NC1 and orthogonal-frame errors, class-mean ranks and spectra, the ``verdict`` -- plus per layer
-    the alignment ``nc3`` of ``W_l`` with layer l's class means (``metrics.nc3_span``), ``n``, the λ's and
+    the alignment ``nc3_span`` of ``W_l`` with layer l's class means (``metrics.nc3_span``), ``n``, the λ's and
     ``ratio`` (``loss / L_DNC``).
     """
     if config.net.head_bias:
@@ -327,7 +325,7 @@ def compare_with_theory(
     with torch.no_grad():
         _, post, _ = forward(h, ws)
     for entry, feat, w in zip(result["layers"], [h, *post], ws, strict=True):
-        entry["nc3"] = M.nc3_span(w, M.class_stats(feat.T, labels.cpu(), num_classes, ncc=False))
+        entry["nc3_span"] = M.nc3_span(w, M.class_stats(feat.T, labels.cpu(), num_classes, ncc=False))
     note = (
         "K = 2: L_DNC is the global optimum of the DUFM"
         if num_classes == 2
@@ -810,7 +808,7 @@ def _finish(
     }
     write_json(out / "summary.json", summary)
     plot_metric_curves(
-        history, out / "metrics.png", metrics=("nc1", "nc2", "nc3"), layer_keys=names, x="epoch",
+        history, out / "metrics.png", metrics=("nc1", "nc2_orth", "nc3_span"), layer_keys=names, x="epoch",
         title=f"{data.name} K={k}: DNC metrics per layer",
     )  # fmt: skip
     loss_rows = [

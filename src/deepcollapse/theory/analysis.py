@@ -20,7 +20,7 @@ class means of ``H_1`` (nor, through it, on the layer-2 pre-activation):
     the loss or a parameter is NaN or infinite.
 ``"dnc"``
     (balanced classes, ``L_DNC`` with ``s > 0``) ``|gap| <= tol``; NC1 ``<= tol`` at every layer; the
-    post-ReLU class means of every layer l >= 2 form an orthogonal frame (``orth_frame <= √tol``); and
+    post-ReLU class means of every layer l >= 2 form an orthogonal frame (``nc2_orth <= √tol``); and
     every class-mean norm, ``||W_l||_F`` and the output scale ``s`` are within a relative ``√tol`` of the
     theory. Loss gaps and NC1 are quadratic in a parameter error near the optimum, distances linear: hence
     ``tol`` for the first, ``√tol`` for the second.
@@ -82,7 +82,7 @@ def analyze_solution(
     (K = 2 or L = 1: ``L_DNC`` is the global minimum), ``ranks_pre`` (``\\tilde H_l``, l = 2..L),
     ``ranks_post`` (``H_1``, ``H_l``), ``rank_out``, ``rank_pre_last``, ``spectra`` (``{layer, stage,
     singular_values}``, normalized by the largest), ``tol``, ``rank_rtol``, ``checks`` (``gap``, ``nc1``,
-    ``orth_frame``, ``norms``: each true, false, or ``None`` without a theory), ``verdict`` (one of
+    ``nc2_orth``, ``norms``: each true, false, or ``None`` without a theory), ``verdict`` (one of
     :data:`VERDICTS`) and ``verdict_rule``. A point with a non-finite parameter gets only the keys that
     exist there (``loss``, the sizes, ``tol``, ``rank_rtol``, ``verdict`` ``"diverged"``, ``verdict_rule``).
     ``srg=False`` skips ``L_SRG`` (an optimization per setting, cached), leaving ``srg_loss`` ``None``.
@@ -163,14 +163,14 @@ def dnc_checks(record: dict[str, Any], *, tol: float) -> dict[str, bool | None]:
     """Which DNC conditions hold in ``record`` (module docstring); ``None`` where there is no theory
     (unbalanced classes, or the theory's optimum is zero)."""
     if record["dnc_loss"] is None or not record["s_theory"]:
-        return {"gap": None, "nc1": None, "orth_frame": None, "norms": None}
+        return {"gap": None, "nc1": None, "nc2_orth": None, "norms": None}
     layers, dist = record["layers"], math.sqrt(tol)
-    frames = [e["orth_frame"] for e in layers[1:]]
+    frames = [e["nc2_orth"] for e in layers[1:]]
     norms = [record["s_rel_err"]] + [e[k] for e in layers for k in ("mean_norm_rel_err", "weight_norm_rel_err")]
     return {
         "gap": _le([abs(record["gap"])], tol),
         "nc1": _le([e["nc1"] for e in layers], tol),
-        "orth_frame": _le(frames, dist),
+        "nc2_orth": _le(frames, dist),
         "norms": _le(norms, dist),
     }
 

@@ -383,7 +383,7 @@ def check(h1: Tensor, weights: Sequence[Tensor], config: DUFMConfig) -> dict[str
     ``zero_threshold``, and ``layers``: per layer ``l = 1..L`` the class-mean norms (``mean_norm``, their
     average; ``mean_norm_rel_err``, the largest relative deviation of one class-mean norm from the theory's
     ``t`` or ``q_l``), ``||W_l||_F`` against the theory (``weight_norm_rel_err``), ``nc1``, and for
-    ``l >= 2`` the orthogonal-frame error ``orth_frame`` (:func:`deepcollapse.metrics.nc2_orth`) of the
+    ``l >= 2`` the orthogonal-frame distance ``nc2_orth`` (:func:`deepcollapse.metrics.nc2_orth`) of the
     post-ReLU class means. For unbalanced classes the theory's entries are ``None``. A relative error
     against a predicted 0 (the zero solution) is the measured value itself.
     """
@@ -446,5 +446,5 @@ def _layer_check(layer: int, stats: M.ClassStats, weight: Tensor, sol: DNCSoluti
         if w_theory is None
         else _rel_err(torch.tensor([wnorm], dtype=torch.float64), w_theory),
         "nc1": M.nc1(stats),
-        "orth_frame": None if layer == 1 or mean_norm == 0.0 else M.nc2_orth(stats),
+        "nc2_orth": None if layer == 1 or mean_norm == 0.0 else M.nc2_orth(stats),
     }
