@@ -580,12 +580,13 @@ def train(
     """Train ``config``'s network on its data, measuring DNC every epoch; write results to ``out``.
 
     Writes ``config.json``, ``checkpoint.pt`` and ``history.csv`` after every epoch, and at the end
-    ``summary.json`` and the plots ``metrics.png`` (NC1/NC2/NC3 per layer against epochs) and ``loss.png``
-    (the head's DUFM objective against L_DNC). ``resume`` continues from ``out/checkpoint.pt`` (its config
-    must match, except ``epochs`` under a constant schedule, and ``device``). ``stop_after`` stops after
-    that many epochs in total, as a killed run would (no summary). ``data`` overrides loading. A NaN loss
-    raises :class:`DivergenceError`; the last good checkpoint is kept. ``num_threads`` sets torch's CPU
-    threads for the run (1 avoids OpenMP contention on small or shared CPUs); it is not part of the config.
+    ``summary.json`` and the plots ``metrics.png`` (``nc1``, ``nc2_orth``, ``nc3_span`` per layer against
+    epochs) and ``loss.png`` (the head's DUFM objective against L_DNC). ``resume`` continues from
+    ``out/checkpoint.pt`` (its config must match, except ``epochs`` under a constant schedule, and
+    ``device``). ``stop_after`` stops after that many epochs in total, as a killed run would (no summary).
+    ``data`` overrides loading. A NaN loss raises :class:`DivergenceError`; the last good checkpoint is kept.
+    ``num_threads`` sets torch's CPU threads for the run (1 avoids OpenMP contention on small or shared CPUs); it is
+    not part of the config.
     """
     kwargs = {"resume": resume, "overwrite": overwrite, "stop_after": stop_after, "progress": progress, "data": data}
     if num_threads is None:
