@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -89,9 +87,6 @@ def test_cli(tmp_path):
     assert row["best_loss"] <= row["dnc_loss"] * (1 + 1e-6)  # the DNC start is among the starts
 
 
-@pytest.mark.skipif(
-    not os.environ.get("DEEPCOLLAPSE_RAY_TESTS"), reason="starts Ray (~25 s idle); set DEEPCOLLAPSE_RAY_TESTS=1"
-)
 def test_ray_backend_matches_local(tmp_path):
     """The Ray backend (one task per (K, L) group) writes the same rows as the local one."""
     ray = pytest.importorskip("ray")
