@@ -1,8 +1,12 @@
-"""A numpy reference for the DUFM loss and for L_DNC, written from the definitions (float64)."""
+"""A numpy reference for the DUFM loss and for L_DNC, written from the definitions (float64), and plain
+full-batch gradient descent with autograd, the reference for the batched and sweep trainers."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from deepcollapse.dufm.model import DUFM, DUFMConfig
 
 
 def np_dufm_loss(h1, weights, counts, lambda_h, lambdas_w) -> float:
@@ -32,3 +36,16 @@ def np_dnc_loss(k: int, num_layers: int, n: int, lam: float) -> float:
     best = s[np.argmin(f(s))]
     fine = np.linspace(max(0.0, best - 1e-5), min(1.0, best + 1e-5), 200_001)
     return float(min(f(fine).min(), f(0.0)))
+
+
+def plain_gd(config: DUFMConfig, lr: float, steps: int) -> DUFM:
+    """The reference: θ ← θ - lr ∇L, full batch, on one DUFM."""
+    model = DUFM(config)
+    params = [model.h1, *model.weights]
+    for _ in range(steps):
+        total, _, _ = model.loss()
+        grads = torch.autograd.grad(total, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p.sub_(lr * g)
+    return model

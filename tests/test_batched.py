@@ -8,6 +8,7 @@ import torch
 from deepcollapse._validate import DeepCollapseError
 from deepcollapse.dufm.batched import GDOptions, batched_objective, stack_init, train_batched
 from deepcollapse.dufm.model import DUFM, DUFMConfig, label_matrix, objective
+from dufm_reference import plain_gd
 
 
 def _configs():
@@ -18,19 +19,6 @@ def _configs():
         DUFMConfig(**base, lambda_h=2e-3, lambda_w=[1e-3, 2e-3, 3e-3], seed=7, init_std=0.5),
         DUFMConfig(**base, lambda_h=3e-3, lambda_w=3e-3, seed=3),
     ]
-
-
-def plain_gd(config: DUFMConfig, lr: float, steps: int) -> DUFM:
-    """The reference: θ ← θ - lr ∇L, full batch, on one DUFM."""
-    model = DUFM(config)
-    params = [model.h1, *model.weights]
-    for _ in range(steps):
-        total, _, _ = model.loss()
-        grads = torch.autograd.grad(total, params)
-        with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                p.sub_(lr * g)
-    return model
 
 
 def test_stack_init_matches_dufm():

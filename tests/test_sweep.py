@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from deepcollapse._validate import DeepCollapseError
-from deepcollapse.dufm.model import DUFM
 from deepcollapse.experiments.sweep import expand_spec, read_results, run_sweep, spec_hash, validate_spec
+from dufm_reference import plain_gd
 from reference import np_dnc
 
 SPEC = {
@@ -136,21 +136,6 @@ def test_ray_backend_matches_local(tmp_path):
     assert _strip(read_results(tmp_path / "ray")) == _strip(read_results(tmp_path / "local"))
 
 
-def _plain_gd(config, lr, steps):
-    """Plain full-batch GD with autograd on DUFM(config), θ ← θ - η ∇L, written independently of the
-    batched trainer's hand-written gradients; returns the final parameters and loss."""
-    model = DUFM(config)
-    params = [model.h1, *model.weights]
-    for _ in range(steps):
-        total, _, _ = model.loss()
-        grads = torch.autograd.grad(total, params)
-        with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                p.sub_(lr * g)
-    with torch.no_grad():
-        return model.h1.detach().clone(), [w.detach().clone() for w in model.weights], float(model.loss()[0])
-
-
 def test_each_configuration_of_a_batch_runs_with_its_own_lr_and_reports_nc_per_layer(tmp_path, one_thread):
     """One batch (same shapes) with two learning rates: every row equals plain GD at its own lr, and its
     per-layer NC1/NC2 equal the numpy reference on that GD's features."""
@@ -163,7 +148,9 @@ def test_each_configuration_of_a_batch_runs_with_its_own_lr_and_reports_nc_per_l
     rows = read_results(tmp_path)
     assert [r["lr"] for r in rows] == [0.1, 0.45] and {r["steps"] for r in rows} == {40}
     for row, item in zip(rows, expand_spec(spec), strict=True):
-        h1, ws, loss = _plain_gd(item["config"], row["lr"], row["steps"])
+        model = plain_gd(item["config"], row["lr"], row["steps"])
+        with torch.no_grad():
+            h1, ws, loss = model.h1.detach(), [w.detach() for w in model.weights], float(model.loss()[0])
         assert row["loss"] == pytest.approx(loss, rel=1e-10)
         labels = np.repeat(np.arange(4), 2)
         feats = [h1.numpy()]
