@@ -140,3 +140,8 @@ def np_conventions(
     out["rank_centred"] = float((s > max(rank_rtol * s.max(), tau)).sum())
     out["mean_norm"] = float(np.linalg.norm(means, axis=1).mean())
     return out
+
+
+def batches(x, y, size: int = 100) -> list:
+    """``(x, y)`` split into consecutive loader batches of ``size`` rows (the last may be shorter)."""
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]

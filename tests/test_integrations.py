@@ -13,28 +13,17 @@ from torch import nn
 from deepcollapse._validate import DeepCollapseError
 from deepcollapse.files import read_csv
 from deepcollapse.measure.monitor import DNCMonitor
-from reference import np_dnc
+from reference import batches, np_dnc
 
 K = 10
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    datasets = pytest.importorskip("sklearn.datasets")
-    x, y = datasets.load_digits(return_X_y=True)
-    return torch.tensor(x[:300] / 16.0, dtype=torch.float32), torch.tensor(y[:300])
-
-
-def batches(x: torch.Tensor, y: torch.Tensor, size: int = 100) -> list:
-    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
 
 def test_tensorboard_event_file_holds_the_numbers(digits, tmp_path) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    x, y = digits
+    x, y = digits[0][:300], digits[1][:300]
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, K))
     monitor = DNCMonitor(model, num_classes=K, train_loader=batches(x, y), layers="relu", tensorboard=tmp_path / "tb")
@@ -83,7 +72,7 @@ def test_lightning_callback_measures_each_epoch(digits, tmp_path) -> None:
     l_pl = pytest.importorskip("lightning.pytorch")
     from deepcollapse.measure.integrations import DNCCallback
 
-    x, y = digits
+    x, y = digits[0][:300], digits[1][:300]
     train, test = (x[:200], y[:200]), (x[200:], y[200:])
     module = lightning_module(l_pl)
     callback = DNCCallback(

@@ -13,21 +13,10 @@ from torch import nn
 from deepcollapse._validate import DeepCollapseError
 from deepcollapse.files import read_csv
 from deepcollapse.measure.monitor import DNCMonitor
-from reference import np_dnc
+from reference import batches, np_dnc
 
 K = 10
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    datasets = pytest.importorskip("sklearn.datasets")
-    x, y = datasets.load_digits(return_X_y=True)
-    return torch.tensor(x[:500] / 16.0, dtype=torch.float32), torch.tensor(y[:500])
-
-
-def batches(x: torch.Tensor, y: torch.Tensor, size: int = 100) -> list:
-    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
 
 def net() -> nn.Sequential:
