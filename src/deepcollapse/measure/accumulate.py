@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from deepcollapse._validate import DeepCollapseError, check_finite, check_labels
-from deepcollapse.measure.pairwise import DEFAULT_TILE_BYTES, block_rows
+from deepcollapse.measure.pairwise import DEFAULT_TILE_BYTES, block_rows, nearest_rows
 from deepcollapse.measure.stats import EPS64, ClassStats, dtype_eps
 
 __all__ = [
@@ -267,22 +267,14 @@ def init_spread(
     )
 
 
-def _nearest(h: Tensor, e: Tensor, p: Tensor | None, y: Tensor, ref: Centres, tile_bytes: int) -> Tensor:
+def _nearest(h: Tensor, p: Tensor | None, y: Tensor, ref: Centres, tile_bytes: int) -> Tensor:
     """Nearest class mean of each row (B,). With the Gram path's ``p = e M_r^T``:
-    ``||h_i - μ_c||² - ||e_i||² = 2 (p_{i,y_i} - p_{i,c}) + ||μ_{y_i} - μ_c||²``; otherwise, tiled over classes,
-    ``argmin_c ||m_c||² - 2 g_i·m_c`` with ``g_i = h_i - r`` (``r`` cancels; no large-norm cancellation)."""
+    ``||h_i - μ_c||² - ||e_i||² = 2 (p_{i,y_i} - p_{i,c}) + ||μ_{y_i} - μ_c||²``; otherwise
+    :func:`~deepcollapse.measure.pairwise.nearest_rows` about ``r``."""
     if p is not None and ref.dist2 is not None:
         own = p.gather(1, y[:, None])
         return (2.0 * (own - p) + ref.dist2.index_select(0, y)).argmin(1)
-    g = torch.sub(h, ref.centre)
-    step = block_rows(g.shape[0], tile_bytes)
-    best = torch.full((g.shape[0],), float("inf"), dtype=F64, device=g.device)
-    arg = torch.zeros(g.shape[0], dtype=I64, device=g.device)
-    for s in range(0, ref.shifted.shape[0], step):
-        val, idx = (ref.sqnorm[s : s + step][None, :] - 2.0 * (g @ ref.shifted[s : s + step].T)).min(1)
-        better = val < best
-        best, arg = torch.where(better, val, best), torch.where(better, idx + s, arg)
-    return arg
+    return nearest_rows(h, ref.centre, ref.shifted, ref.sqnorm, tile_bytes=tile_bytes)
 
 
 def update_spread(
@@ -303,7 +295,7 @@ def update_spread(
     p = None if state.proj is None else e @ ref.shifted.T  # (B, K)
     ncc, nc4 = state.ncc_correct, state.nc4_disagree
     if ncc is not None or nc4 is not None:
-        pred = _nearest(h, e, p, y, ref, tile_bytes)
+        pred = _nearest(h, p, y, ref, tile_bytes)
         if nc4 is not None and predictions is None:
             raise DeepCollapseError("predictions are needed for every batch of the pass once given for one")
         if ncc is not None:

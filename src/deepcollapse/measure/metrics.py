@@ -37,7 +37,7 @@ from torch import Tensor
 
 from deepcollapse._validate import DeepCollapseError
 from deepcollapse.measure.accumulate import class_stats
-from deepcollapse.measure.pairwise import DEFAULT_TILE_BYTES, block_rows, row_blocks
+from deepcollapse.measure.pairwise import DEFAULT_TILE_BYTES, nearest_rows, row_blocks
 from deepcollapse.measure.stats import (
     F64,
     ClassStats,
@@ -483,19 +483,10 @@ def nearest_centre(features: Tensor, means: Tensor | ClassStats, *, tile_bytes: 
     the means ``r`` (no cancellation far from the origin), tiled over classes.
     """
     m = _as_stats(means).means
-    h = features.detach().reshape(features.shape[0], -1).to(device=m.device, dtype=F64)
+    h = features.detach().reshape(features.shape[0], -1).to(device=m.device)
     r = m.mean(0)
-    mr, g = m - r, h - r
-    sq = mr.pow(2).sum(1)
-    step = block_rows(h.shape[0], tile_bytes)
-    best = torch.full((h.shape[0],), float("inf"), dtype=F64, device=m.device)
-    arg = torch.zeros(h.shape[0], dtype=torch.int64, device=m.device)
-    for start in range(0, m.shape[0], step):
-        score = sq[start : start + step][None, :] - 2.0 * (g @ mr[start : start + step].T)
-        val, idx = score.min(1)
-        better = val < best
-        best, arg = torch.where(better, val, best), torch.where(better, idx + start, arg)
-    return arg
+    mr = m - r
+    return nearest_rows(h, r, mr, mr.pow(2).sum(1), tile_bytes=tile_bytes)
 
 
 def classifier_predictions(features: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
