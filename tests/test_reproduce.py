@@ -206,3 +206,18 @@ def test_an_occupied_out_is_refused_and_kept(tmp_path: Path, tiny: list[Experime
         res = runner.invoke(app, ["reproduce", "--quick", "--out", str(tmp_path / "other"), "--no-progress", *flag])
         assert res.exit_code == 1 and "not a report" in res.output
     assert (tmp_path / "other" / "thesis.tex").read_text() == "keep me"
+
+
+def test_fig3_width_claims_the_low_rank_fraction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The width claim reads the low-rank column (not the 'dnc' verdicts, which GD near L_DNC reaches only after a
+    polish): measured = low-rank fraction at the narrowest width minus at the widest, expected 1/seeds."""
+    from deepcollapse.experiments import lowrank
+
+    rows = [{"width": 10, "dnc_fraction": 0.25, "low_rank_fraction": 0.75},
+            {"width": 30, "dnc_fraction": 0.0, "low_rank_fraction": 0.5},
+            {"width": 120, "dnc_fraction": 0.0, "low_rank_fraction": 0.25}]  # fmt: skip
+    monkeypatch.setattr(lowrank, "dnc_vs_width", lambda out, **kw: rows)
+    out = papers.fig3_width(tmp_path, {"widths": [10, 30, 120], "seeds": 4, "steps": 1, "lambda": 0.004}, {})
+    (claim,) = out["claims"]
+    assert claim["id"] == "p2-fig3-wider-less-low-rank"
+    assert (claim["measured"], claim["expected"], claim["status"]) == (0.5, 0.25, "pass")
