@@ -21,12 +21,14 @@ from deepcollapse.nets.train import (
     PRESETS,
     TrainConfig,
     compare_with_theory,
+    epoch_metrics,
     fit_to_optimal,
     loss_terms,
     lr_at,
     make_config,
     train,
 )
+from reference import np_nearest
 
 NET = NetConfig(backbone="mlp", mlp_width=32, mlp_depth=1, feature_dim=8, head_layers=3, head_width=8)
 
@@ -204,3 +206,27 @@ def test_explicit_learning_rate_wins_over_the_backbone_default() -> None:
     cfg = make_config({"backbone": "resnet20", "lr": 0.2, "warmup_epochs": 0})
     assert (cfg.lr, cfg.warmup_epochs) == (0.2, 0.0)
     assert make_config({"backbone": "cnn"}, preset="cpu-quick").lr == PRESETS["cpu-quick"]["lr"]
+
+
+def test_epoch_metrics_nc4_is_papyans_disagreement_with_the_network() -> None:
+    """NC4 of every layer: the fraction of samples whose nearest class mean at that layer (numpy, float64, from the
+    definition) differs from the network's prediction (argmax of the output layer); ncc_accuracy against labels."""
+    g = torch.Generator().manual_seed(3)
+    k, n = 4, 30
+    y = torch.arange(k).repeat_interleave(n)
+    h1 = torch.randn(k, 6, generator=g)[y] * 0.6 + torch.randn(k * n, 6, generator=g)
+    w1, w2 = torch.randn(5, 6, generator=g), torch.randn(k, 5, generator=g)
+    h2 = torch.relu(h1 @ w1.T)
+    out = h2 @ w2.T + 0.8 * torch.randn(k * n, k, generator=g)  # a noisy classifier: disagrees on some samples
+    flat, rows = epoch_metrics([h1, h2, out], y, k, [w1, w2])
+    pred = out.argmax(1).numpy()
+    seen = set()
+    for row, h in zip(rows, [h1, h2, out], strict=True):
+        hh = h.double().numpy()
+        means = np.stack([hh[y.numpy() == c].mean(0) for c in range(k)])
+        ncc = np_nearest(hh, means)
+        assert row["nc4"] == pytest.approx(float((ncc != pred).mean()), abs=1e-15)
+        assert row["ncc_accuracy"] == pytest.approx(float((ncc == y.numpy()).mean()), abs=1e-15)
+        seen.add(row["nc4"])
+    assert len(seen) > 1 and max(seen) > 0  # the layers disagree with the classifier by different amounts
+    assert flat[f"nc4_{rows[0]['layer']}"] == rows[0]["nc4"]

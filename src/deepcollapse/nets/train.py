@@ -256,7 +256,7 @@ def collect_features(model: DUFMNet, x: Tensor, *, batch_size: int = 512) -> tup
 
 
 #: The registry names (:data:`deepcollapse.measure.metrics.METRICS`) each layer row and ``history.csv`` carry.
-LAYER_METRICS = ("nc1", "nc2_orth", "nc2_etf", "nc3_span", "ncc_accuracy", "cdnv", "mean_norm")
+LAYER_METRICS = ("nc1", "nc2_orth", "nc2_etf", "nc3_span", "ncc_accuracy", "nc4", "cdnv", "mean_norm")
 assert set(LAYER_METRICS) <= set(M.METRICS)
 
 
@@ -269,15 +269,19 @@ def epoch_metrics(
     :data:`deepcollapse.measure.metrics.METRICS` (:data:`LAYER_METRICS`): ``nc1`` (tr(Σ_W Σ_B⁺)/K), ``nc2_orth``
     (orthogonal-frame distance of the uncentred means, the DUFM's target after a ReLU and at the output),
     ``nc2_etf`` (simplex-ETF distance of the centred means), ``nc3_span`` (fraction of ``W_l`` outside the span
-    of layer l's class means; none at ``out``), ``ncc_accuracy`` (nearest-class-centre accuracy), ``cdnv``,
-    ``mean_norm`` (mean class-mean norm). Also returns one dict per layer.
+    of layer l's class means; none at ``out``), ``ncc_accuracy`` (nearest-class-centre accuracy), ``nc4``
+    (Papyan's NC4: the fraction of samples whose nearest class mean at that layer differs from the network's
+    prediction, the argmax of ``out``), ``cdnv``, ``mean_norm`` (mean class-mean norm). Also returns one dict
+    per layer.
     """
     names = layer_names(len(weights))
     flat: dict[str, float] = {}
     rows = []
     labels = labels.cpu()
+    predictions = features[-1].detach().cpu().argmax(1)
     for name, h, w in zip(names, features, [*weights, None], strict=True):
-        stats = M.class_stats(h.detach().cpu(), labels, num_classes)  # on the CPU: deterministic sums
+        # on the CPU: deterministic sums
+        stats = M.class_stats(h.detach().cpu(), labels, num_classes, predictions=predictions)
         m = M.dnc_metrics(stats, weight=None if w is None else w.detach().cpu())
         row = {"layer": name, **{k: m.get(k) for k in LAYER_METRICS}}
         rows.append(row)
