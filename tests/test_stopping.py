@@ -13,7 +13,15 @@ from deepcollapse._validate import DeepCollapseError
 from deepcollapse.dufm.batched import GDOptions, train_batched
 from deepcollapse.dufm.model import DUFM, DUFMConfig
 from deepcollapse.dufm.solve import SolverConfig, solve
-from deepcollapse.dufm.stopping import STOP_REASONS, StopRules, calm_count, relative_gap, stop_codes
+from deepcollapse.dufm.stopping import (
+    DEFAULT_MAX_STEPS,
+    STOP_REASONS,
+    StopRules,
+    calm_count,
+    relative_gap,
+    relative_grad_norm,
+    stop_codes,
+)
 
 F64 = torch.float64
 CFG = DUFMConfig(num_classes=2, n_per_class=3, num_layers=3, width=4, lambda_h=0.01, lambda_w=0.01, seed=2)
@@ -191,3 +199,130 @@ def test_certificate_is_the_gradient_at_the_returned_parameters():
     assert res.rel_grad_norm == pytest.approx(gn * pn / float(total.detach()), rel=1e-12)
     assert res.gap == pytest.approx((float(total.detach()) - _dnc()) / _dnc(), rel=1e-9)
     assert res.stop_reason in STOP_REASONS
+
+
+def test_documented_defaults_and_vocabulary():
+    """The defaults and step budgets the docs (docs/theory.md, the stop-reason table) promise."""
+    r = StopRules()
+    assert (r.tol_gap, r.tol_grad, r.tol_rel, r.patience) == (1e-9, 1e-5, 1e-13, 20)
+    assert r.target_loss is None and r.max_seconds is None
+    assert DEFAULT_MAX_STEPS == {"gd": 100_000, "lbfgs": 2_000, "nesterov": 50_000, "adam": 50_000}
+    assert STOP_REASONS == ("diverged", "gap", "stationary", "stalled", "target_loss", "max_seconds", "max_steps")
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(tol_gap=-1e-3), "tol_gap must be >= 0.0, got -0.001"),
+        (dict(tol_gap="x"), "tol_gap must be a number, got 'x'"),
+        (dict(tol_grad=-1e-3), "tol_grad must be >= 0.0, got -0.001"),
+        (dict(tol_grad=math.inf), "tol_grad must be finite, got inf"),
+        (dict(tol_rel=-1e-3), "tol_rel must be >= 0.0, got -0.001"),
+        (dict(tol_rel=math.nan), "tol_rel must be finite, got nan"),
+        (dict(patience=0), "patience must be >= 1, got 0"),
+        (dict(patience=2.5), "patience must be an integer, got 2.5"),
+        (dict(target_loss=math.nan), "target_loss must be finite, got nan"),
+        (dict(target_loss="low"), "target_loss must be a number, got 'low'"),
+        (dict(max_seconds=-1.0), "max_seconds must be >= 0.0, got -1.0"),
+        (dict(max_seconds=math.inf), "max_seconds must be finite, got inf"),
+    ],
+)
+def test_rules_reject_bad_values_with_a_one_line_message(kw, message):
+    with pytest.raises(DeepCollapseError) as info:
+        StopRules(**kw)
+    assert str(info.value) == message
+
+
+def test_rules_accept_values_at_and_above_their_bounds():
+    """Zero tolerances (a rule switched off) and any positive tolerance are valid; numbers are stored as
+    Python floats/ints; a target loss may be negative (the rule only compares)."""
+    for v in (0, 0.5, 3.0):
+        r = StopRules(tol_gap=v, tol_grad=v, tol_rel=v, max_seconds=v, target_loss=-v)
+        assert (r.tol_gap, r.tol_grad, r.tol_rel, r.max_seconds, r.target_loss) == (v, v, v, v, -v)
+        assert all(type(x) is float for x in (r.tol_gap, r.tol_grad, r.tol_rel, r.max_seconds, r.target_loss))
+    r = StopRules(patience=1)
+    assert r.patience == 1
+    r = StopRules(patience=4.0)
+    assert r.patience == 4 and type(r.patience) is int
+
+
+def test_relative_grad_norm_uses_the_absolute_loss_floored_at_1e_300():
+    """||g||·||θ||/|L|: exact on small and negative losses; 0 at the zero solution; 1e300·||g||·||θ|| at L = 0."""
+    assert float(relative_grad_norm(_t(2.0), _t(3.0), _t(0.5))) == 12.0
+    assert float(relative_grad_norm(_t(2.0), _t(3.0), _t(-0.25))) == 24.0
+    assert float(relative_grad_norm(_t(0.0), _t(0.0), _t(0.0))) == 0.0
+    assert float(relative_grad_norm(_t(1.0), _t(1.0), _t(0.0))) == pytest.approx(1e300, rel=1e-15)
+    assert float(relative_grad_norm(_t(1.0), _t(1.0), _t(1e-300))) == pytest.approx(1e300, rel=1e-15)
+
+
+def test_relative_gap_keeps_float64_and_the_loss_dtype():
+    """A Python float loss is read in float64 (a gap of 2^-40 survives); a float reference is cast to the
+    loss's dtype (0.1 vs 0.1 is exactly 0); a float32 loss gives a float32 gap; a negative reference uses
+    its absolute value."""
+    assert float(relative_gap(1.0 + 2.0**-40, 1.0)) == 2.0**-40
+    assert relative_gap(1.0, 1.0).dtype == F64
+    assert float(relative_gap(_t(0.1), 0.1)) == 0.0
+    assert float(relative_gap(torch.tensor(0.1, dtype=torch.float32), 0.1)) == 0.0
+    g32 = relative_gap(torch.tensor([3.0, 1.0], dtype=torch.float32), 2.0)
+    assert g32.dtype == torch.float32 and g32.tolist() == [0.5, -0.5]
+    assert float(relative_gap(_t(-3.0), -2.0)) == -0.5
+    assert float(relative_gap(_t(-0.5), 0.0)) == -0.5
+    # per-configuration references as a tensor
+    assert relative_gap(_t([3.0, 1.0, 2.0]), _t([2.0, 0.0, -4.0])).tolist() == [0.5, 1.0, 1.5]
+
+
+def test_rules_follow_the_device_of_the_losses():
+    """Losses on another device (the meta device stands in for an accelerator) with CPU references and
+    CPU-built budget flags: gaps and codes land on the losses' device (a device mix would raise)."""
+    meta = torch.device("meta")
+    loss = torch.ones(3, dtype=F64, device=meta)
+    assert relative_gap(loss, _t([1.0, 2.0, 3.0])).device == meta
+    calm = torch.zeros(3, dtype=torch.int64, device=meta)
+    kw = dict(loss=loss, grad_norm=loss, param_norm=loss, calm=calm, step=0, max_steps=3)
+    codes = stop_codes(StopRules(), **kw)
+    assert codes.device == meta and codes.dtype == torch.int64
+    assert stop_codes(StopRules(target_loss=0.0), **kw, lower_bound=_t([1.0, 1.0, 1.0])).device == meta
+
+
+def test_calm_count_at_its_boundary():
+    """|L - L_prev|/|L| <= tol_rel: equality is calm; the count grows by one from any value; negative
+    losses use absolute values; a loss stuck at exactly 0 is calm (|L| floored at 1e-300)."""
+    c = torch.tensor([7, 7, 7, 7, 7])
+    loss = _t([2.0, 2.0, -2.0, -2.0, 0.0])
+    prev = _t([1.0, 0.9, -3.0, -0.9, 0.0])
+    assert calm_count(c, loss, prev, 0.5).tolist() == [8, 0, 8, 0, 8]
+    assert calm_count(torch.tensor([7]), _t([0.0]), _t([1e-290]), 1.0).tolist() == [0]
+
+
+def test_stop_codes_are_integers_in_priority_order():
+    """With every rule holding, removing the winner one by one yields the codes 1..7 in the order of
+    STOP_REASONS; the certified gap holds at equality (gap = tol_gap exactly)."""
+    rules = StopRules(tol_gap=0.5, tol_grad=1.0, patience=2, target_loss=5.0, max_seconds=1.0)
+    state = dict(loss=_t(3.0), grad_norm=_t(0.5), param_norm=_t(1.0), calm=torch.tensor(2), step=4, max_steps=4)
+    state.update(seconds=1.0, lower_bound=2.0)
+    got = []
+    steps = [
+        dict(loss=_t(math.inf)),
+        dict(loss=_t(3.0)),
+        dict(lower_bound=None),
+        dict(grad_norm=_t(4.0)),
+        dict(calm=torch.tensor(1)),
+        dict(target_loss=None),
+        dict(seconds=0.5),
+        dict(step=3),
+    ]
+    for change in steps:
+        if "target_loss" in change:
+            rules = StopRules(tol_gap=0.5, tol_grad=1.0, patience=2, max_seconds=1.0)
+        else:
+            state.update(change)
+        codes = stop_codes(rules, **state)
+        assert codes.dtype == torch.int64 and codes.shape == ()
+        got.append(int(codes))
+    assert got == [1, 2, 3, 4, 5, 6, 7, 0]
+    # with the seconds left at their default (0 s spent), a positive time budget does not stop
+    assert _codes(StopRules(max_seconds=0.5)) == "" and _codes(StopRules(max_seconds=0.5), seconds=0.49) == ""
+    assert _codes(StopRules(max_seconds=0.0)) == "max_seconds"
+    assert _codes(StopRules(target_loss=0.5), loss=_t(0.5000001)) == ""
+    assert _codes(StopRules(), loss=_t(-math.inf)) == "diverged"
+    assert _codes(StopRules(), grad_norm=_t(math.nan)) == "diverged"

@@ -126,9 +126,13 @@ class DUFMConfig:
 
 
 def labels_from_counts(counts: Sequence[int], *, device: torch.device | str = "cpu") -> Tensor:
-    """Integer labels ``y`` (N,), samples grouped by class: ``[0]*n_0 + [1]*n_1 + ...``."""
+    """Integer labels ``y`` (N,), samples grouped by class: ``[0]*n_0 + [1]*n_1 + ...``.
+
+    The output size is given, so building it on an accelerator needs no device-to-host sync.
+    """
+    counts = list(counts)
     return torch.repeat_interleave(
-        torch.arange(len(counts), device=device), torch.as_tensor(list(counts), device=device)
+        torch.arange(len(counts), device=device), torch.as_tensor(counts, device=device), output_size=sum(counts)
     )
 
 
