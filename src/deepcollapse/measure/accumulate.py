@@ -17,9 +17,11 @@ the per-class sums ``Σ_{i∈c} ||e_i||²``, the nearest-class-centre counts, an
 
 ``cov="auto"`` (the default) takes the cheaper exact one: the Gram path when ``K < D``, the covariance path
 when ``D <= K`` -- ``O(N·D·min(D, K))`` in all. The nearest-class-centre rule adds ``O(N·D·K)`` (its
-``B x K`` scores are tiled in ``tile_bytes``). All products run in float64: the error analysis in
+``B x K`` scores are tiled in ``tile_bytes``). The products NC1 needs run in float64: the error analysis in
 docs/conventions.md shows that float32 products cannot meet a ``1e-6`` relative guarantee when the
-within-class scatter along the means is much smaller than across them.
+within-class scatter along the means is much smaller than across them. Only the nearest-class-centre argmin
+of features of 32 bits or fewer takes float32 products, certified row by row
+(:func:`~deepcollapse.measure.pairwise.nearest_rows`).
 
 One pass (Welford/Chan). Each batch's exact statistics (count, mean, centred scatter) are merged into the
 running ones with Chan et al.'s pairwise update ``M2 = M2_a + M2_b + δ δ^T n_a n_b / n``, pooled over

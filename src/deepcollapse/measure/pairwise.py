@@ -7,6 +7,7 @@ time, each block of at most ``tile_bytes`` (float64), so K = 50,000 classes neve
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -14,9 +15,22 @@ from torch import Tensor
 
 from deepcollapse._validate import DeepCollapseError
 
-__all__ = ["DEFAULT_TILE_BYTES", "block_rows", "nearest_rows", "row_blocks"]
+__all__ = [
+    "DEFAULT_TILE_BYTES",
+    "block_rows",
+    "nearest_rows",
+    "nearest_rows_certified",
+    "nearest_rows_f64",
+    "row_blocks",
+    "score_error_bound",
+]
 
 DEFAULT_TILE_BYTES = 64 * 2**20  # one tile of a K x K float64 matrix: 64 MiB
+F32, F64 = torch.float32, torch.float64
+LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)  # features whose NCC scores take float32 products
+U32 = 2.0**-24  # unit roundoff of float32
+ETA32 = 2.0**-149  # spacing of float32's subnormals (the absolute error of an underflow)
+SAFETY = 2.0  # factor on the certified score bound (see score_error_bound)
 
 
 def block_rows(num_cols: int, tile_bytes: int, *, name: str = "tile_bytes") -> int:
@@ -45,13 +59,109 @@ def nearest_rows(
     (K, D) float64; ``sqnorm`` its squared row norms) about a central ``r`` (``centre``): ``||g_i||²`` is the
     same for every class and ``r`` cancels, so nothing large is subtracted. The ``B x K`` scores are tiled
     over classes in ``tile_bytes``; ties go to the lowest class index.
+
+    Features of 32 bits or fewer take :func:`nearest_rows_certified` (float32 products, float64 only for the
+    rows they cannot decide); the answer is the float64 rule's either way.
     """
-    g = torch.sub(h if h.is_floating_point() else h.to(torch.float64), centre)  # float64 by type promotion
+    if h.dtype in LOW_PRECISION and _certifiable(h.shape[1], shifted.shape[0], h.device):
+        return nearest_rows_certified(h, centre, shifted, sqnorm, tile_bytes=tile_bytes)
+    return nearest_rows_f64(h, centre, shifted, sqnorm, tile_bytes=tile_bytes)
+
+
+def nearest_rows_f64(
+    h: Tensor, centre: Tensor, shifted: Tensor, sqnorm: Tensor, *, tile_bytes: int = DEFAULT_TILE_BYTES
+) -> Tensor:
+    """:func:`nearest_rows` with float64 products: the float64 rule."""
+    g = torch.sub(h if h.is_floating_point() else h.to(F64), centre)  # float64 by type promotion
     step = block_rows(g.shape[0], tile_bytes)
-    best = torch.full((g.shape[0],), float("inf"), dtype=torch.float64, device=g.device)
+    best = torch.full((g.shape[0],), float("inf"), dtype=F64, device=g.device)
     arg = torch.zeros(g.shape[0], dtype=torch.int64, device=g.device)
     for s in range(0, shifted.shape[0], step):
         val, idx = (sqnorm[s : s + step][None, :] - 2.0 * (g @ shifted[s : s + step].T)).min(1)
         better = val < best
         best, arg = torch.where(better, val, best), torch.where(better, idx + s, arg)
     return arg
+
+
+def _certifiable(dim: int, num_classes: int, device: torch.device) -> bool:
+    """Float32 products are IEEE float32 here (no TF32 or bf16 shortcut) and the bound holds (``D·u <= 1/4``)."""
+    if num_classes < 2 or dim * U32 > 0.25 or device.type not in ("cpu", "cuda"):
+        return False
+    try:
+        if torch.get_float32_matmul_precision() != "highest":
+            return False
+    except RuntimeError:  # the legacy and the per-backend precision settings were mixed
+        return False
+    if device.type == "cuda":
+        backend = torch.backends.cuda.matmul
+        if backend.allow_tf32:
+            return False
+    else:
+        backend = getattr(torch.backends.mkldnn, "matmul", None)
+    return getattr(backend, "fp32_precision", "none") in ("none", "ieee")
+
+
+def score_error_bound(gnorm: Tensor, mnorm: float, dim: int) -> Tensor:
+    r"""Bound on the rounding error of each row's float32 scores ``fl(fl(||m_c||²) - 2 fl(g_i·m_c))``.
+
+    With ``u = 2^-24``, ``γ_D = D u / (1 - D u)``, ``η = 2^-149`` (the subnormal spacing), ``M = max_c ||m_c||``
+    and both ``g_i`` and ``m_c`` rounded to float32 from float64 (docs/conventions.md, "Certified
+    nearest-class-centre scores"):
+
+    .. math:: |δ_{ic}| \le 2 \big[ 2(γ_D + 3u) ||g_i|| M + 2u M^2 + 8(D + 1) η \big]
+
+    (the outer 2 is a safety factor for the second-order terms, the float64 rounding of ``g_i``, ``M`` and this
+    bound, and the float64 rule's own error). Needs ``D u <= 1/4``; ``|g_i|, M <= 1`` for the ``η`` term.
+    """
+    gamma = dim * U32 / (1.0 - dim * U32)
+    return SAFETY * (2.0 * (gamma + 3.0 * U32) * mnorm * gnorm + (2.0 * U32 * mnorm**2 + 8.0 * (dim + 1) * ETA32))
+
+
+def nearest_rows_certified(
+    h: Tensor, centre: Tensor, shifted: Tensor, sqnorm: Tensor, *, tile_bytes: int = DEFAULT_TILE_BYTES
+) -> Tensor:
+    """:func:`nearest_rows` with float32 products, certified row by row.
+
+    ``g_i = h_i - r`` is formed in float64, then ``g_i`` and ``m_c`` are scaled by one power of two ``t`` (so
+    that ``max(||g_i||, ||m_c||) ∈ [1/2, 1)``: no overflow, and scores scale by ``t² > 0``) and rounded to
+    float32. A row whose best and second-best float32 scores differ by more than twice
+    :func:`score_error_bound` has the same argmin in exact arithmetic and under the float64 rule; the other
+    rows (near-ties, non-finite scores) are recomputed by :func:`nearest_rows_f64`.
+    """
+    g = torch.sub(h, centre)  # float64 (B, D)
+    gnorm = torch.linalg.vector_norm(g, dim=1)
+    mnorm = math.sqrt(float(sqnorm.max()))
+    top = max(float(gnorm.max()) if g.shape[0] else 0.0, mnorm)
+    if not 0.0 < top < math.inf:
+        return nearest_rows_f64(h, centre, shifted, sqnorm, tile_bytes=tile_bytes)
+    t = math.ldexp(1.0, -math.frexp(top)[1])  # exact scaling: top·t in [1/2, 1)
+    g32, m32, sq32 = g.mul_(t).to(F32), (shifted * t).to(F32), (sqnorm * (t * t)).to(F32)
+    best, second, arg = _two_smallest(g32, m32, sq32, tile_bytes)
+    bound = score_error_bound(gnorm * t, mnorm * t, h.shape[1])
+    doubt = ~((second.to(F64) - best.to(F64)) > 2.0 * bound)  # also catches NaN
+    rows = doubt.nonzero().flatten()
+    if rows.numel():
+        arg[rows] = nearest_rows_f64(h.index_select(0, rows), centre, shifted, sqnorm, tile_bytes=tile_bytes)
+    return arg
+
+
+def _two_smallest(g: Tensor, m: Tensor, sq: Tensor, tile_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row of the float32 scores ``sq_c - 2 g_i·m_c``: the smallest, the second smallest and the argmin
+    (on ties any of the tied indices: such rows are not certified), tiled over classes. The product is a
+    plain ``g m^T`` (no fused ``addmm``: some BLAS kernels accumulate onto ``C``, which would round ``sq``
+    ``D`` times)."""
+    b, inf = g.shape[0], float("inf")
+    best = torch.full((b,), inf, dtype=F32, device=g.device)
+    second, arg = best.clone(), torch.zeros(b, dtype=torch.int64, device=g.device)
+    step = block_rows(b, tile_bytes)
+    for s in range(0, m.shape[0], step):
+        score = (g @ m[s : s + step].T).mul_(-2.0).add_(sq[s : s + step])
+        if score.shape[1] >= 2:  # on a tie v1 == v2, so the row is recomputed whichever index topk gives
+            val, pos = score.topk(2, dim=1, largest=False, sorted=True)
+            v1, v2, idx = val[:, 0], val[:, 1], pos[:, 0]
+        else:
+            v1, v2, idx = score[:, 0], torch.full_like(best, inf), torch.zeros_like(arg)
+        better = v1 < best
+        second = torch.where(better, torch.minimum(best, v2), torch.minimum(second, v1))
+        best, arg = torch.where(better, v1, best), torch.where(better, idx + s, arg)
+    return best, second, arg
