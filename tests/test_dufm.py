@@ -369,3 +369,12 @@ def test_layer_metrics_against_the_numpy_reference():
             assert row["nc3_span"] == pytest.approx(ref["nc3"], rel=1e-9)
     one = layer_metrics(m.h1, [m.weights[2][:, :6]], m.labels, 3)
     assert [(r["layer"], r["stage"]) for r in one] == [(1, "free")]
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import deepcollapse.dufm.model as model
+
+    result = doctest.testmod(model, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 5 and result.failed == 0

@@ -203,10 +203,12 @@ def objective(
 
     Example
     -------
-    >>> h1, ws = torch.ones(2, 4, 3, 6), [torch.ones(2, 2, 3)]  # a batch of two L = 1 DUFMs
-    >>> total, fit, reg = objective(h1, ws, label_matrix([3, 3]), torch.tensor([0.0, 1.0]), [0.0])
-    >>> reg.tolist()
-    [0.0, 36.0]
+    >>> h1, ws = torch.ones(2, 3, 6), [torch.ones(2, 2, 3)]  # a batch of two L = 1 DUFMs
+    >>> total, fit, reg = objective(h1, ws, label_matrix([3, 3], dtype=torch.float32), torch.tensor([0.0, 1.0]), [0.0])
+    >>> reg.tolist()  # λ_H/2 ||H_1||² = 0 and 18/2
+    [0.0, 9.0]
+    >>> fit.tolist()  # every output is 3: (3 samples x (4 + 9)) x 2 classes / (2 N)
+    [6.5, 6.5]
     """
     _, _, out = forward(h1, weights)
     fit = fit_term(out, y)
