@@ -12,8 +12,10 @@ from deepcollapse._validate import DeepCollapseError
 from deepcollapse.measure.accumulate import (
     ClassAccumulator,
     accumulate_stats,
+    add_scatter,
     batch_welford,
     centres,
+    full_scatter,
     init_moments,
     init_spread,
     init_welford,
@@ -95,6 +97,26 @@ def test_one_pass_equals_numpy(size: int) -> None:
     stats = accumulate_stats(batches(h, y, size), 5, passes=1)
     assert stats.ncc_correct is None
     assert_stats_close(stats, np_reference(h.numpy(), y.numpy(), 5), ncc=False)
+
+
+@pytest.mark.parametrize("d", [1, 7, 12, 13])
+@pytest.mark.parametrize("block", [1, 5, 128])
+def test_block_triangle_scatter_equals_numpy(d: int, block: int) -> None:
+    """The covariance path computes only the blocks on and below the diagonal, then mirrors them."""
+    e = torch.randn(9, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64) + 100.0
+    s = add_scatter(add_scatter(torch.zeros(d, d, dtype=torch.float64), e[:4], block=block), e[4:], block=block)
+    x = e.numpy()
+    np.testing.assert_allclose(full_scatter(s).numpy(), x.T @ x, rtol=1e-12)
+    assert torch.equal(full_scatter(s), full_scatter(s).T)
+
+
+def test_covariance_path_at_a_dimension_off_the_block() -> None:
+    """D = 300 (two 128-wide blocks and a 44-wide one), float32 features far from the origin."""
+    h, y = planted(n=400, d=300, k=4, seed=6, offset=1e3)
+    h = h.to(torch.float32)
+    stats = accumulate_stats(batches(h, y, 150), 4, cov="full")
+    assert stats.sigma_w is not None and stats.sigma_w.shape == (300, 300)
+    assert_stats_close(stats, np_reference(h.to(torch.float64).numpy(), y.numpy(), 4))
 
 
 def test_equals_metrics_class_stats() -> None:

@@ -12,7 +12,8 @@ the per-class sums ``Σ_{i∈c} ||e_i||²``, the nearest-class-centre counts, an
 
 * the **Gram path** (``cov="light"``): ``p_i = M_r e_i`` (``M_r = M - 1r^T``, ``r`` the sample mean) and the
   ``K x K`` matrix ``Σ_i p_i p_i^T = N · M_r Σ_W M_r^T``: ``O(N·D·K)`` work, ``O(K·D)`` memory;
-* the **covariance path** (``cov="full"``): the ``D x D`` scatter ``Σ_i e_i e_i^T = N Σ_W``: ``O(N·D²)`` work
+* the **covariance path** (``cov="full"``): the ``D x D`` scatter ``Σ_i e_i e_i^T = N Σ_W``: ``O(N·D²)`` work,
+  of which only the blocks on and below the diagonal are computed (:func:`add_scatter`; about half)
   (plus the Gram matrix when ``K <= D``, so that both NC1 paths can be compared).
 
 ``cov="auto"`` (the default) takes the cheaper exact one: the Gram path when ``K < D``, the covariance path
@@ -60,10 +61,12 @@ __all__ = [
     "SpreadState",
     "WelfordState",
     "accumulate_stats",
+    "add_scatter",
     "batch_welford",
     "centres",
     "choose_cov",
     "class_stats",
+    "full_scatter",
     "init_moments",
     "init_spread",
     "init_welford",
@@ -88,6 +91,7 @@ DEFAULT_MAX_COV_BYTES = 64 * 2**20  # one-pass mode refuses a D x D float64 scat
 # temporaries of a chunk stay in cache, but at least MIN_CHUNK_ROWS rows, so that the products stay compute-bound.
 CHUNK_ELEMENTS = 2**18
 MIN_CHUNK_ROWS = 64
+SCATTER_BLOCK = 128  # row-block width of the covariance path's lower block triangle (add_scatter)
 
 
 def choose_cov(num_classes: int, dim: int, cov: Cov = "auto") -> Literal["full", "light"]:
@@ -231,7 +235,8 @@ class SpreadState:
     """Pass-2 statistics about fixed means ``M``, with ``e_i = h_i - μ_{y_i}``.
 
     ``counts`` (K,) ``n_c``; ``within_sq`` (K,) ``Σ_{i∈c} ||e_i||²``; ``proj`` (K, K) ``Σ_i (M_r e_i)(M_r e_i)^T``
-    or ``None``; ``scatter`` (D, D) ``Σ_i e_i e_i^T`` or ``None``; ``ncc_correct`` (K,) samples whose nearest
+    or ``None``; ``scatter`` (D, D) ``Σ_i e_i e_i^T`` on and below the diagonal blocks (above them zeros;
+    :func:`full_scatter` mirrors it), or ``None``; ``ncc_correct`` (K,) samples whose nearest
     class mean is their own, or ``None``; ``nc4_disagree`` (K,) samples whose classifier prediction differs
     from the nearest class mean, or ``None``.
     """
@@ -309,8 +314,25 @@ def update_spread(
     if p is not None and state.proj is not None:
         state.proj.addmm_(p.T, p)
     if state.scatter is not None:
-        state.scatter.addmm_(e.T, e)
+        add_scatter(state.scatter, e)
     return state
+
+
+def add_scatter(scatter: Tensor, e: Tensor, *, block: int = SCATTER_BLOCK) -> Tensor:
+    """``scatter += e^T e`` on the blocks on and below the diagonal only (``block``-wide row blocks), in place.
+
+    ``e^T e`` is symmetric, so its lower block triangle holds it whole, for ``(D² + D·block)/2`` multiply-adds
+    per row instead of ``D²``; :func:`full_scatter` mirrors the sum once at the end. Returns ``scatter``."""
+    d = e.shape[1]
+    for r0 in range(0, d, block):
+        r1 = min(r0 + block, d)
+        scatter[r0:r1, :r1].addmm_(e[:, r0:r1].T, e[:, :r1])
+    return scatter
+
+
+def full_scatter(scatter: Tensor) -> Tensor:
+    """The symmetric matrix whose lower triangle is that of ``scatter`` (see :func:`add_scatter`)."""
+    return torch.tril(scatter) + torch.tril(scatter, -1).T
 
 
 def merge_spread(a: SpreadState, b: SpreadState) -> SpreadState:
@@ -326,7 +348,7 @@ def spread_stats(state: SpreadState, ref: Centres, *, eps: float = EPS64, classe
         means=ref.means,
         within_trace=state.within_sq / state.counts.to(F64),
         means_sigma_w=None if state.proj is None else state.proj / n,
-        sigma_w=None if state.scatter is None else state.scatter / n,
+        sigma_w=None if state.scatter is None else full_scatter(state.scatter) / n,
         ncc_correct=state.ncc_correct,
         centre=ref.centre,
         eps=eps,
