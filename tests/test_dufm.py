@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -378,3 +380,26 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(model, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted >= 5 and result.failed == 0
+
+
+def test_one_layer_config_and_full_precision_start():
+    """L = 1 (the plain UFM) takes one width; a float64 model starts from a float64 draw (not float32
+    values widened), so its start uses the full mantissa."""
+    c = DUFMConfig(num_layers=1, width=[8], lambda_w=[0.5])
+    assert (c.width, c.widths, c.lambda_w, c.lambdas_w) == (8, [8], 0.5, [0.5])
+    m = DUFM(c)
+    assert [tuple(w.shape) for w in m.weights] == [(2, 8)]
+    for p in m.parameters():
+        assert not torch.equal(p.detach(), p.detach().float().double())
+
+
+def test_layer_metrics_say_when_a_class_is_missing():
+    """Labels without the last class: every (layer, stage) row measures the classes present and warns
+    that class 2 has no samples."""
+    m = DUFM(DUFMConfig(num_classes=3, n_per_class=[3, 3, 2], num_layers=2, width=5, seed=1))
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 0, 1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = layer_metrics(m.h1, list(m.weights), labels, 3)
+    missing = [w for w in caught if "class(es) [2] have no samples" in str(w.message)]
+    assert len(rows) == 3 and len(missing) == len(rows)

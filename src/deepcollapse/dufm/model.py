@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -51,6 +52,11 @@ __all__ = [
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
+def _one_or_list(values: list) -> Any:
+    """One value when all are equal (the config's compact form), else the list."""
+    return values[0] if len(set(values)) == 1 else values
+
+
 @dataclass
 class DUFMConfig:
     """Shape and regularization of an L-DUFM. Lists are per layer; one number is broadcast."""
@@ -74,15 +80,20 @@ class DUFMConfig:
             counts = [check_positive_int(f"n_per_class[{i}]", c) for i, c in enumerate(self.n_per_class)]
             if len(counts) != self.num_classes:
                 raise DeepCollapseError(f"n_per_class has {len(counts)} counts but num_classes is {self.num_classes}")
-            self.n_per_class = counts[0] if len(set(counts)) == 1 else counts
+            self.n_per_class = _one_or_list(counts)
         else:
             self.n_per_class = check_positive_int("n_per_class", self.n_per_class)
         widths = per_layer("width", self.width, self.num_layers, check_positive_int)
-        self.width = widths[0] if len(set(widths)) == 1 else widths
+        self.width = _one_or_list(widths)
         self.lambda_h = check_nonneg("lambda_h", self.lambda_h)
         lw = per_layer("lambda_w", self.lambda_w, self.num_layers, check_nonneg)
-        self.lambda_w = lw[0] if len(set(lw)) == 1 else lw
-        self.init_std = check_real("init_std", self.init_std, low=0.0, low_inclusive=False)
+        self.lambda_w = _one_or_list(lw)
+        self.init_std = check_real(
+            "init_std",
+            self.init_std,
+            low=0.0,
+            low_inclusive=False,  # pragma: no mutate  (None is as falsy as False; check_real reads truthiness)
+        )
         if self.dtype not in DTYPES:
             raise DeepCollapseError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         self.seed = check_positive_int("seed", self.seed, minimum=0)
@@ -131,9 +142,7 @@ def labels_from_counts(counts: Sequence[int], *, device: torch.device | str = "c
     The output size is given, so building it on an accelerator needs no device-to-host sync.
     """
     counts = list(counts)
-    return torch.repeat_interleave(
-        torch.arange(len(counts), device=device), torch.as_tensor(counts, device=device), output_size=sum(counts)
-    )
+    return torch.repeat_interleave(torch.as_tensor(counts, device=device), output_size=sum(counts))
 
 
 def label_matrix(
@@ -212,9 +221,7 @@ def objective(
     """
     _, _, out = forward(h1, weights)
     fit = fit_term(out, y)
-    reg = penalty(h1, lambda_h)
-    for lam, w in zip(layer_lambdas(lambdas_w, len(weights)), weights, strict=True):
-        reg = reg + penalty(w, lam)
+    reg = sum(map(penalty, weights, layer_lambdas(lambdas_w, len(weights))), penalty(h1, lambda_h))
     return fit + reg, fit, reg
 
 
@@ -241,7 +248,7 @@ class DUFM(nn.Module):
         h1 = torch.randn(dims[0], config.num_samples, generator=generator, dtype=torch.float64) * std
         self.h1 = nn.Parameter(h1.to(device=device, dtype=dtype))
         ws = []
-        for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
+        for d_in, d_out in pairwise(dims):
             w = torch.randn(d_out, d_in, generator=generator, dtype=torch.float64) * (std / d_in**0.5)
             ws.append(nn.Parameter(w.to(device=device, dtype=dtype)))
         self.weights = nn.ParameterList(ws)
@@ -253,14 +260,14 @@ class DUFM(nn.Module):
         """A DUFM holding the given parameters (copied), e.g. the theory's optimum."""
         model = cls(config)
         dims = [*config.widths, config.num_classes]
-        expected = [(dims[0], config.num_samples)] + [(o, i) for i, o in zip(dims[:-1], dims[1:], strict=True)]
+        expected = [(dims[0], config.num_samples)] + [(o, i) for i, o in pairwise(dims)]
         got = [tuple(h1.shape)] + [tuple(w.shape) for w in weights]
         if got != expected:
             raise DeepCollapseError(f"parameter shapes {got} do not match the config's {expected}")
         with torch.no_grad():
             model.h1.copy_(h1)
-            for p, w in zip(model.weights, weights, strict=True):
-                p.copy_(w)
+            for i, w in enumerate(weights):  # as many as model.weights: the shapes matched
+                model.weights[i].copy_(w)
         return model
 
     def loss(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -282,14 +289,14 @@ def layer_metrics(h1: Tensor, weights: Sequence[Tensor], labels: Tensor, num_cla
         pre, post, _ = forward(h1, weights)
         rows: list[dict[str, Any]] = []
         rows.append({"layer": 1, "stage": "free", **M.dnc_metrics(h1.T, labels, num_classes, weight=weights[0])})
-        for i, (z, h) in enumerate(zip(pre, post, strict=True)):
+        for i, z in enumerate(pre):
             layer = i + 2
             rows.append({"layer": layer, "stage": "pre", **M.dnc_metrics(z.T, labels, num_classes)})
             rows.append(
                 {
                     "layer": layer,
                     "stage": "post",
-                    **M.dnc_metrics(h.T, labels, num_classes, weight=weights[layer - 1]),
+                    **M.dnc_metrics(post[i].T, labels, num_classes, weight=weights[layer - 1]),
                 }
             )
     return rows
