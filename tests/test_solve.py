@@ -48,6 +48,7 @@ GRID = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", GRID, ids=lambda kw: f"L{kw['num_layers']}")
 def test_lbfgs_reaches_dnc_optimum_k2(kw):
     best = math.inf
@@ -70,6 +71,7 @@ GD_GRID = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", GD_GRID, ids=lambda kw: f"L{kw['num_layers']}")
 def test_gd_reaches_dnc_optimum_k2(kw):
     """The paper's plain GD (lr 0.5) reaches the closed form (best of two seeds)."""
@@ -89,6 +91,7 @@ def test_gd_reaches_dnc_optimum_k2(kw):
     assert report["verdict"] == "dnc", report["checks"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opt", ["nesterov", "adam"])
 def test_other_optimizers_descend(opt):
     cfg = DUFMConfig(num_classes=2, n_per_class=5, num_layers=2, width=6, lambda_h=0.005, lambda_w=0.005, seed=1)
@@ -99,6 +102,7 @@ def test_other_optimizers_descend(opt):
     assert res.loss >= dnc(cfg) * (1 - 1e-12)
 
 
+@pytest.mark.slow
 def test_history_is_log_spaced_with_metrics_and_gap():
     cfg = DUFMConfig(num_classes=2, n_per_class=3, num_layers=3, width=4, lambda_h=0.01, lambda_w=0.01)
     res = solve(

@@ -122,10 +122,9 @@ class SolveResult:
 
 def log_steps(max_steps: int, points: int) -> set[int]:
     """About ``points`` integer steps spaced evenly in log scale over ``0..max_steps`` (0 and 1 included)."""
-    out = {0, 1, max_steps}
-    if max_steps > 1:
-        for i in range(points):
-            out.add(round(math.exp(math.log(max_steps) * i / max(points - 1, 1))))
+    out = {0, max_steps}
+    for i in range(points):  # i = 0 gives step 1
+        out.add(round(math.exp(math.log(max_steps) * i / max(points - 1, 1))))
     return out
 
 
@@ -252,25 +251,23 @@ def _loop(run: _Run, *, progress: bool, checkpoint: str | Path | None, checkpoin
     marks = log_steps(cfg.max_steps, cfg.history_points)
     bar = _Progress(cfg.max_steps, enabled=progress, start=st.step)
     last_ckpt = time.perf_counter()
-    boundary = _boundary(st)
-    in_step = False
+    boundary: tuple[int, int, int, float | None, float] | None = _boundary(st)
     try:
         while True:
             point = _timed(st, lambda: _evaluate(run))
+            bar.update(st.step, point.loss, gap=_gap(run, point.loss))
             reason = _check(run, point)
             if reason or st.step in marks:
-                _record(run, point, with_metrics=reason != "diverged")
+                _record(run, point, reason)
             if reason:
                 return point, reason
-            if run.opt is not None and isinstance(run.opt, torch.optim.LBFGS) and _stalled(st, point):
+            if isinstance(run.opt, torch.optim.LBFGS) and _stalled(st, point):
                 run.opt = _make_optimizer(run.params, cfg)  # stalled at a kink: restart with a fresh memory
             st.prev_loss = point.loss
-            in_step = True
+            boundary = None  # inside an optimizer step
             _timed(st, lambda: _step(run))
             st.step += 1
-            in_step = False
             boundary = _boundary(st)
-            bar.update(st.step, point.loss, gap=_gap(run, point.loss))
             if checkpoint is not None and time.perf_counter() - last_ckpt >= checkpoint_every:
                 save_checkpoint(checkpoint, run.model, run.opt, st, cfg)
                 last_ckpt = time.perf_counter()
@@ -278,7 +275,7 @@ def _loop(run: _Run, *, progress: bool, checkpoint: str | Path | None, checkpoin
         # Keep the state of the last step boundary so that --resume continues exactly. An interrupt
         # inside an optimizer step leaves the parameters half-updated: then the last periodic
         # checkpoint stays as it is.
-        if checkpoint is not None and not in_step:
+        if checkpoint is not None and boundary is not None:
             st.evaluations, n_rows, st.calm, st.prev_loss, st.seconds = boundary
             del st.history[n_rows:]
             save_checkpoint(checkpoint, run.model, run.opt, st, cfg)
@@ -353,8 +350,10 @@ def _rel_grad(point: _Point) -> float:
     )
 
 
-def _record(run: _Run, point: _Point, *, with_metrics: bool) -> None:
-    """Append (or, on a resumed step, replace) a history row and pass it to the callback."""
+def _record(run: _Run, point: _Point, reason: str) -> None:
+    """Append (or, on a resumed step, replace) a history row and pass it to the callback.
+
+    The row holds the per-layer metrics unless ``config.metrics`` is off or the run diverged."""
     st = run.st
     row: dict[str, Any] = {
         "step": st.step,
@@ -369,7 +368,7 @@ def _record(run: _Run, point: _Point, *, with_metrics: bool) -> None:
     gap = _gap(run, point.loss)
     if gap is not None:
         row["gap"] = gap
-    if with_metrics and run.cfg.metrics and math.isfinite(point.loss):
+    if run.cfg.metrics and reason != "diverged":
         m = run.model
         row.update(flat_metrics(layer_metrics(m.h1, list(m.weights), m.labels, m.config.num_classes)))
     if st.history and st.history[-1]["step"] == st.step:
@@ -444,22 +443,22 @@ def _step(run: _Run) -> None:
 class _Progress:
     """A rich progress bar over solver steps (a no-op when disabled)."""
 
-    def __init__(self, total: int, *, enabled: bool, start: int = 0) -> None:
+    def __init__(self, total: int, *, enabled: bool, start: int) -> None:
         self.enabled = enabled
-        self.last = 0.0
+        self.last = -math.inf  # the first update always shows
         if not enabled:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(
-            TextColumn("[bold]DUFM"),
+            TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(),
             transient=True,
         )
-        self.task = self.progress.add_task("solve", total=total, completed=start, info="")
+        self.task = self.progress.add_task("DUFM", total=total, completed=start, info="")
         self.progress.start()
 
     def update(self, step: int, loss: float, *, gap: float | None) -> None:
@@ -519,7 +518,7 @@ def load_checkpoint(path: str | Path, dufm_config: DUFMConfig, solver_config: So
 
 def _restore(model: DUFM, opt: torch.optim.Optimizer | None, st: _State, ckpt: dict[str, Any]) -> None:
     model.load_state_dict(ckpt["model"])
-    if opt is not None and ckpt.get("optimizer") is not None:
+    if opt is not None:  # load_checkpoint checked that the optimizer is the same
         opt.load_state_dict(ckpt["optimizer"])
     for k, v in ckpt["state"].items():
         setattr(st, k, v)
