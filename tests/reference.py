@@ -145,3 +145,48 @@ def np_conventions(
 def batches(x, y, size: int = 100) -> list:
     """``(x, y)`` split into consecutive loader batches of ``size`` rows (the last may be shorter)."""
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+# ------------------------------------------------------------------ the DNC loss of one output scale, in decimals
+
+
+def dec_dnc_objective(s, kc, num_layers: int):
+    """``f(s) = ½(1-s)² + ½(L+1)·kc·s^{2/(L+1)}`` (the DNC loss at output scale ``s``, ``kc = K C``) in the
+    current decimal context (``s``, ``kc`` any numbers; the result a ``Decimal``)."""
+    from decimal import Decimal
+
+    s, kc, big_l = Decimal(s), Decimal(kc), Decimal(num_layers)
+    penalty = 0 if s == 0 else (big_l + 1) * kc * s ** (2 / (big_l + 1))
+    return ((1 - s) ** 2 + penalty) / 2
+
+
+def dec_optimal_scale(kc: float, num_layers: int, *, digits: int = 60, grid: int = 2000) -> tuple[float, float]:
+    """``(s, f(s))``: the minimizer over ``s ∈ [0, 1]`` of :func:`dec_dnc_objective`, found from ``f`` alone: the
+    best of ``grid`` equally spaced points in ``(0, 1]``, refined by golden-section search between its two
+    neighbours in ``digits``-digit decimals, then compared with the end point ``f(0) = 1/2`` (which wins ties).
+    Near a minimum ``f`` is flat to second order, so ``s`` gets about half the digits: 60 give ``s`` to ~1e-25."""
+    from decimal import Decimal, localcontext
+
+    with localcontext() as ctx:
+        ctx.prec = digits
+        e = 2 / (num_layers + 1)
+        values = [0.5 * (1 - i / grid) ** 2 + 0.5 * (num_layers + 1) * kc * (i / grid) ** e for i in range(1, grid + 1)]
+        best = 1 + min(range(grid), key=values.__getitem__)  # the bracket, from float64 values
+        a, b = Decimal(best - 1) / grid, Decimal(min(best + 1, grid)) / grid
+        inv_phi = (Decimal(5).sqrt() - 1) / 2
+        x1, x2 = b - inv_phi * (b - a), a + inv_phi * (b - a)
+        f1, f2 = dec_dnc_objective(x1, kc, num_layers), dec_dnc_objective(x2, kc, num_layers)
+        while b - a > Decimal(10) ** (-(digits // 2 + 4)):
+            if f1 <= f2:
+                b, x2, f2 = x2, x1, f1
+                x1 = b - inv_phi * (b - a)
+                f1 = dec_dnc_objective(x1, kc, num_layers)
+            else:
+                a, x1, f1 = x1, x2, f2
+                x2 = a + inv_phi * (b - a)
+                f2 = dec_dnc_objective(x2, kc, num_layers)
+        s = (a + b) / 2
+        f = dec_dnc_objective(s, kc, num_layers)
+        if f >= Decimal("0.5"):
+            return 0.0, 0.5
+        return float(s), float(f)

@@ -82,36 +82,36 @@ def dnc_objective(s: float, *, num_classes: int, num_layers: int, c: float) -> f
     return 0.5 * (1 - s) ** 2 + 0.5 * num_classes * (L + 1) * c * s ** (2 / (L + 1))
 
 
+def _critical_kc(num_layers: int) -> float:
+    """``(K C)^* = (1/L) ((L-1)/L)^{(L-1)/(L+1)}`` (1 for L = 1): the zero threshold of ``K C``."""
+    L = num_layers
+    return (1 / L) * ((L - 1) / L) ** ((L - 1) / (L + 1))
+
+
 def optimal_scale(kc: float, num_layers: int) -> float:
-    """The global minimizer over ``s ∈ [0, 1]`` of ``½(1-s)² + ½(L+1)·kc·s^{2/(L+1)}``.
+    """The global minimizer over ``s ∈ [0, 1]`` of ``f(s) = ½(1-s)² + ½(L+1)·kc·s^{2/(L+1)}``.
 
     ``kc = K·C`` for DNC; other constructions with the same balanced form (the low-rank SRG family) pass
-    their own constant. L = 1: ``max(0, 1 - kc)``. L >= 2: the root of ``(1-s) s^{(L-1)/(L+1)} = kc`` on
-    the falling branch (bisection to machine precision), or 0 when that root does not exist or loses
-    against ``f(0) = 1/2``.
+    their own constant. 0 from the threshold ``kc >= (K C)^*`` on (at it, ``f(s^*) = f(0) = ½`` and the zero
+    solution is returned); below it, the root of ``(1-s) s^{(L-1)/(L+1)} = kc`` in ``(s^*, 1]``, where the
+    left side falls from ``(K C)^*`` to 0: ``1 - kc`` for L = 1, by bisection to the last bit for L >= 2.
     """
-    L = num_layers
+    L = check_positive_int("num_layers", num_layers)
+    kc = check_nonneg("kc", kc)
+    if kc >= _critical_kc(L):
+        return 0.0
     if L == 1:
-        return max(0.0, 1.0 - kc)
-    if kc == 0:
-        return 1.0
-    # g(s) = (1-s) s^e, e = (L-1)/(L+1), rises on [0, e/(1+e)] and falls on [e/(1+e), 1].
+        return 1.0 - kc  # exact; bisection would lose the relative precision of a root near 0
     e = (L - 1) / (L + 1)
-    peak = e / (1 + e)
-    if (1 - peak) * peak**e < kc:
-        return 0.0  # no interior stationary point: f is increasing, s = 0
-    lo, hi = peak, 1.0  # the local minimum is the root on the falling branch
-    for _ in range(200):
+    lo, hi = (L - 1) / L, 1.0
+    while True:
         mid = 0.5 * (lo + hi)
+        if not lo < mid < hi:
+            return mid
         if (1 - mid) * mid**e > kc:
             lo = mid
         else:
             hi = mid
-        if hi - lo <= 1e-17:
-            break
-    s = 0.5 * (lo + hi)
-    f = dnc_objective(s, num_classes=1, num_layers=L, c=kc)
-    return s if f < 0.5 else 0.0  # f(0) = 1/2: the zero solution wins past the threshold
 
 
 def _scale_from_c(num_classes: int, num_layers: int, c: float) -> float:
@@ -189,7 +189,7 @@ def zero_threshold(
     K = check_positive_int("num_classes", num_classes, minimum=2)
     L = check_positive_int("num_layers", num_layers)
     n = check_positive_int("n", n)
-    kc = 1.0 if L == 1 else (1 / L) * ((L - 1) / L) ** ((L - 1) / (L + 1))
+    kc = _critical_kc(L)
     c_star = kc / K
     c = dnc_constant(L, n, lambda_h, lambda_w)
     scale = math.inf if c == 0 else c_star / c
