@@ -170,8 +170,8 @@ def _as_stats(means: Tensor | ClassStats) -> ClassStats:
     if not isinstance(means, Tensor) or means.dim() != 2:
         raise DeepCollapseError(f"means must be a ClassStats or a (K, D) tensor, got {type(means).__name__}")
     m = means.detach().to(F64)
-    ones = torch.ones(m.shape[0], dtype=torch.int64, device=m.device)
-    return ClassStats(ones, m, torch.zeros(m.shape[0], dtype=F64, device=m.device), None, eps=dtype_eps(means.dtype))
+    k = m.shape[0]
+    return ClassStats(m.new_ones(k).long(), m, m.new_zeros(k), None, eps=dtype_eps(means.dtype))
 
 
 def global_mean(stats: ClassStats, *, weighting: Weighting = "samples") -> Tensor:
@@ -184,12 +184,17 @@ def centred_means(stats: ClassStats, *, weighting: Weighting = "samples") -> Ten
     return stats.means - global_mean(stats, weighting=weighting)
 
 
+def _above(s: Tensor, cutoff: float) -> Tensor:
+    """The singular values that count in every rank decision: those strictly above ``cutoff``."""
+    return s > cutoff
+
+
 def _between_svd(
     stats: ClassStats, weighting: Weighting, rtol: float | None, rank: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Kept part ``(U, S, V^T)`` of the SVD of ``M̄``: at most ``min(rank, K-1)`` values, all above the cutoff."""
     u, s, vh = torch.linalg.svd(centred_means(stats, weighting=weighting), full_matrices=False)
-    keep = s > singular_cutoff(stats, weighting=weighting, rtol=rtol)
+    keep = _above(s, singular_cutoff(stats, weighting=weighting, rtol=rtol))
     keep[min(stats.num_classes - 1, stats.num_classes if rank is None else rank) :] = False
     return u[:, keep], s[keep], vh[keep]
 
@@ -207,13 +212,13 @@ def _nc1_trace(
     u, s, vh = _between_svd(stats, weighting, rtol, rank)
     k = stats.num_classes
     if s.numel() == 0:
-        return float("nan") if float(stats.within_trace.max()) == 0.0 else float("inf")
+        return math.nan if float(stats.within_trace.max()) == 0.0 else math.inf
     if method == "auto":
         method = "full" if stats.sigma_w is not None else "gram"
     if method == "full":
         if stats.sigma_w is None:
             raise DeepCollapseError("method='full' needs sigma_w; use method='gram' or cov='full'")
-        quad = torch.einsum("id,de,ie->i", vh, stats.sigma_w, vh).clamp_min(0.0)
+        quad = ((vh @ stats.sigma_w) * vh).sum(1).clamp_min(0.0)  # v_i^T Σ_W v_i
         return k * float((quad / s.pow(2)).sum())
     if method != "gram":
         raise DeepCollapseError(f"method must be 'auto', 'gram' or 'full', got {method!r}")
@@ -221,9 +226,9 @@ def _nc1_trace(
         raise DeepCollapseError("method='gram' needs means_sigma_w; use method='full' or cov='light'")
     s4 = float(s[0].pow(4))
     if s4 == 0.0 or math.isinf(s4):  # M Σ_W M^T has under- or overflowed: the statistics cannot tell
-        return float("nan")
+        return math.nan
     pbar = _centre_gram(stats.means_sigma_w, class_weights(stats, weighting))  # M̄ Σ_W M̄^T
-    quad = torch.einsum("ki,kl,li->i", u, pbar, u).clamp_min(0.0)  # PSD: clip round-off below 0
+    quad = ((pbar @ u) * u).sum(0).clamp_min(0.0)  # u_i^T M̄ Σ_W M̄^T u_i; PSD: clip round-off below 0
     return k * float((quad / s.pow(2) / s.pow(2)).sum())
 
 
@@ -261,10 +266,9 @@ def nc1_truncated(
 ) -> float:
     """``tr(Σ_W Σ_B^{+r}) / K`` with ``Σ_B`` inverted on its top ``rank`` eigenpairs only (default ``K - 1``,
     Han et al. 2022), never below the precision cutoff. Equal to :func:`nc1` at the default rank."""
-    r = stats.num_classes - 1 if rank is None else rank
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise DeepCollapseError(f"rank must be an integer >= 1, got {rank!r}")
-    return _nc1_trace(stats, weighting, method, rtol, r) / stats.num_classes
+    return _nc1_trace(stats, weighting, method, rtol, rank) / stats.num_classes
 
 
 def nc1_quotient(stats: ClassStats, *, weighting: Weighting = "samples") -> float:
@@ -272,7 +276,7 @@ def nc1_quotient(stats: ClassStats, *, weighting: Weighting = "samples") -> floa
     tw = float(stats.counts.to(F64) @ stats.within_trace) / stats.total
     tb = float(centred_means(stats, weighting=weighting).pow(2).sum()) / stats.num_classes
     if tb == 0.0:
-        return float("nan") if tw == 0.0 else float("inf")
+        return math.nan if tw == 0.0 else math.inf
     return tw / tb
 
 
@@ -324,32 +328,28 @@ def pair_summary(
     g_c, g_u = _frobenius_of_gram(mbar), _frobenius_of_gram(stats.means)
     t_etf, t_orth, c0 = math.sqrt(k - 1), math.sqrt(k), -1.0 / (k - 1)
     etf2 = orth2 = dev1 = dev2 = absdev = 0.0
-    rows_cdnv = torch.zeros(k, dtype=F64, device=mbar.device)
-    row_max = torch.zeros(k, dtype=F64, device=mbar.device)
-    row_arg = torch.zeros(k, dtype=torch.int64, device=mbar.device)
+    rows_cdnv, row_max, row_arg = mbar.new_zeros(k), mbar.new_zeros(k), mbar.new_zeros(k).long()
     v = stats.within_trace
     for rows, g in row_blocks(mbar, mbar, tile_bytes):
-        diag = (torch.arange(g.shape[0], device=g.device), torch.arange(rows.start, rows.stop, device=g.device))
         x = g / g_c + 1.0 / (k * t_etf)  # G/||G|| - (I - 11^T/K)/sqrt(K-1), off the diagonal first
-        x[diag] -= 1.0 / t_etf
+        x.diagonal(rows.start).sub_(1.0 / t_etf)  # the block's entries (c, c)
         etf2 += float(x.pow_(2).sum())
         x = torch.add(g, a[rows, None]).add_(a[None, :]).add_(mu2).div_(g_u)  # M M^T / ||M M^T||
-        x[diag] -= 1.0 / t_orth
+        x.diagonal(rows.start).sub_(1.0 / t_orth)
         orth2 += float(x.pow_(2).sum())
         x = torch.div(g, norms[rows, None]).div_(norms[None, :]).sub_(c0)  # cos - c0, 0 on the diagonal
-        x[diag] = 0.0
+        x.diagonal(rows.start).zero_()
         dev1, absdev, dev2 = dev1 + float(x.sum()), absdev + float(x.abs().sum()), dev2 + float(x.pow_(2).sum())
         x = _cdnv_block(v[rows], v, sq[rows], sq, g)
-        x[diag] = -math.inf
+        x.diagonal(rows.start).fill_(-math.inf)
         row_max[rows], row_arg[rows] = x.max(1)
-        x[diag] = 0.0
+        x.diagonal(rows.start).zero_()
         rows_cdnv[rows] = x.sum(1)
     pairs = k * (k - 1)
     mean_dev = dev1 / pairs
-    nan = float("nan")
     return PairSummary(
-        nc2_etf=math.sqrt(etf2) if g_c > 0 else nan,
-        nc2_orth=math.sqrt(orth2) if g_u > 0 else nan,
+        nc2_etf=math.sqrt(etf2) if g_c > 0 else math.nan,
+        nc2_orth=math.sqrt(orth2) if g_u > 0 else math.nan,
         nc2_equiangle=math.sqrt(max(dev2 / pairs - mean_dev**2, 0.0)),
         nc2_maxangle=absdev / pairs,
         cdnv=float(rows_cdnv.sum()) / pairs,
@@ -373,7 +373,7 @@ def nc2_orth(means: Tensor | ClassStats, *, tile_bytes: int = DEFAULT_TILE_BYTES
 def nc2_equinorm(stats: ClassStats, *, weighting: Weighting = "samples") -> float:
     """Equinorm (Papyan): ``std_c ||μ_c - μ_G|| / mean_c ||μ_c - μ_G||`` (population std)."""
     norms = centred_means(stats, weighting=weighting).norm(dim=1)
-    return float(norms.std(unbiased=False) / norms.mean()) if norms.mean() > 0 else float("nan")
+    return float(norms.std(unbiased=False) / norms.mean()) if norms.mean() > 0 else math.nan
 
 
 def nc2_equiangle(
@@ -414,13 +414,15 @@ def cdnv_per_class(stats: ClassStats, *, tile_bytes: int = DEFAULT_TILE_BYTES) -
 # --------------------------------------------------------------------------------------------- NC3
 
 
-def _weight(weight: Tensor, dim: int, device: torch.device, rows: int | None = None) -> Tensor:
+def _weight(weight: Tensor, like: Tensor, rows: int | None = None) -> Tensor:
+    """``weight`` checked against the (·, D) float64 matrix ``like`` it acts on, as float64 on its device."""
+    dim = like.shape[1]
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != dim:
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise DeepCollapseError(f"weight must be (out, D) with D = {dim} (the features' dimension), got {shape}")
     if rows is not None and weight.shape[0] != rows:
         raise DeepCollapseError(f"weight must have K = {rows} rows (one per class), got {weight.shape[0]}")
-    return weight.detach().to(device=device, dtype=F64)
+    return weight.detach().to(like)
 
 
 def nc3_duality(
@@ -430,10 +432,10 @@ def nc3_duality(
     the uncentred means (``nc3_duality_uncentred``: classifiers without a bias, such as the DUFM's)."""
     stats = _as_stats(means)
     m = centred_means(stats, weighting=weighting) if center else stats.means
-    w = _weight(weight, stats.dim, m.device, stats.num_classes)
+    w = _weight(weight, m, stats.num_classes)
     wn, mn = torch.linalg.matrix_norm(w), torch.linalg.matrix_norm(m)
     if wn == 0 or mn == 0:
-        return float("nan")
+        return math.nan
     return float(torch.linalg.matrix_norm(w / wn - m / mn))
 
 
@@ -447,15 +449,15 @@ def nc3_zhu(
     """Zhu et al. 2021: ``||W M̄^T/||W M̄^T||_F - (I - 11^T/K)/sqrt(K-1)||_F``, tiled over rows of ``W M̄^T``."""
     stats = _as_stats(means)
     mbar = centred_means(stats, weighting=weighting)
-    w = _weight(weight, stats.dim, mbar.device, stats.num_classes)
+    w = _weight(weight, mbar, stats.num_classes)
     k, t = stats.num_classes, math.sqrt(stats.num_classes - 1)
     norm = math.sqrt(sum(float(x.pow(2).sum()) for _, x in row_blocks(w, mbar, tile_bytes)))
     if norm == 0:
-        return float("nan")
+        return math.nan
     total = 0.0
     for rows, x in row_blocks(w, mbar, tile_bytes):
         d = x / norm + 1.0 / (k * t)
-        d[torch.arange(d.shape[0]), torch.arange(rows.start, rows.stop)] -= 1.0 / t
+        d.diagonal(rows.start).sub_(1.0 / t)
         total += float(d.pow(2).sum())
     return math.sqrt(total)
 
@@ -464,12 +466,12 @@ def nc3_span(weight: Tensor, means: Tensor | ClassStats, *, rtol: float | None =
     """DUFM per-layer alignment: ``||W (I - P_M)||_F / ||W||_F``, ``P_M`` the projector onto the span of the
     uncentred class means of W's *input* (singular values above the precision cutoff)."""
     stats = _as_stats(means)
-    w = _weight(weight, stats.dim, stats.means.device)
+    w = _weight(weight, stats.means)
     wn = torch.linalg.matrix_norm(w)
     if wn == 0:
-        return float("nan")
+        return math.nan
     _, s, vh = torch.linalg.svd(stats.means, full_matrices=False)
-    v = vh[s > singular_cutoff(stats, weighting=None, rtol=rtol)]
+    v = vh[_above(s, singular_cutoff(stats, weighting=None, rtol=rtol))]
     return float(torch.linalg.matrix_norm(w - (w @ v.T) @ v) / wn)
 
 
@@ -490,12 +492,12 @@ def nearest_centre(features: Tensor, means: Tensor | ClassStats, *, tile_bytes: 
 
 
 def classifier_predictions(features: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``argmax_c (W h_i + b)_c`` (N,) of a linear classifier (weight (K, D), bias (K,))."""
-    h = features.detach().reshape(features.shape[0], -1)
-    w = _weight(weight, h.shape[1], h.device).to(h.dtype if h.is_floating_point() else F64)
-    logits = h.to(w.dtype) @ w.T
+    """``argmax_c (W h_i + b)_c`` (N,) of a linear classifier (weight (K, D), bias (K,)), in float64 from the
+    given values (ties go to the lowest class)."""
+    h = features.detach().reshape(features.shape[0], -1).to(F64)
+    logits = h @ _weight(weight, h).T
     if bias is not None:
-        logits = logits + bias.detach().to(device=logits.device, dtype=logits.dtype)
+        logits = logits + bias.detach().to(logits)
     return logits.argmax(1)
 
 
@@ -507,9 +509,8 @@ def nc4_from_predictions(predictions: Tensor, features: Tensor, means: Tensor | 
     pred = pred.argmax(1) if pred.dim() == 2 else pred
     if pred.shape[0] != features.shape[0]:
         raise DeepCollapseError(f"predictions has {pred.shape[0]} entries but the features have {features.shape[0]}")
-    ids = torch.tensor(_as_stats(means).class_ids, device=pred.device)
-    ncc = ids[nearest_centre(features, means).to(pred.device)]
-    return float((ncc != pred).double().mean())
+    ncc = torch.tensor(_as_stats(means).class_ids)[nearest_centre(features, means).cpu()]
+    return float((ncc != pred.cpu()).double().mean())
 
 
 def ncc_accuracy(stats: ClassStats) -> float:
@@ -542,9 +543,9 @@ def numerical_rank(singular_values: Tensor, *, rtol: float = 1e-3, floor: float 
     """Number of singular values above ``max(rtol · σ_max, floor)`` (0 for an all-zero matrix); ``floor`` is
     the precision cutoff (:func:`deepcollapse.measure.stats.singular_cutoff`)."""
     s = singular_values
-    if s.numel() == 0 or float(s.max()) == 0.0:
+    if s.numel() == 0:
         return 0
-    return int((s > max(rtol * float(s.max()), floor)).sum())
+    return int(_above(s, max(rtol * float(s.max()), floor)).sum())
 
 
 # -------------------------------------------------------------------------------------- all at once
