@@ -82,6 +82,21 @@ def test_float32_extreme_scales(scale: float, recomputed) -> None:
     assert sum(recomputed) < 20
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_overflow_after_scaling_goes_to_float64(sign: float, recomputed) -> None:
+    """Means spread over 1e-30 and samples 1e10 away: scaled to the means, the samples overflow float32, so
+    the float32 scores are infinite or NaN and the float64 rule decides every row. (In float64,
+    ``||h - μ_c||²`` is the same number for every class here, so the reference is the expanded form
+    ``||μ_c||² - 2 h·μ_c``, which differs from it by ``||h||²`` only.)"""
+    g = torch.Generator().manual_seed(4)
+    means = 1e-30 * torch.randn(6, 5, generator=g, dtype=torch.float64)
+    h = (sign * 1e10 * torch.rand(30, 5, generator=g, dtype=torch.float64)).to(torch.float32)
+    m, x = means.numpy(), _np(h)
+    want = ((m**2).sum(1)[None] - 2.0 * x @ m.T).argmin(1)
+    assert np.array_equal(rule(h, means).numpy(), want)
+    assert recomputed == [30]
+
+
 def dyadic_ties(dtype, *, seed: int = 0, n: int = 64, d: int = 24, k: int = 8, nudge: float = 0.0):
     """Samples exactly (``nudge = 0``) or almost equidistant from two class means.
 

@@ -43,14 +43,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from deepcollapse._validate import DeepCollapseError, check_finite, check_labels
-from deepcollapse.measure.pairwise import DEFAULT_TILE_BYTES, block_rows, nearest_rows
+from deepcollapse.measure.pairwise import DEFAULT_TILE_BYTES, LOW_PRECISION, block_rows, nearest_rows, scaled_means
 from deepcollapse.measure.stats import EPS64, ClassStats, dtype_eps
 
 __all__ = [
@@ -202,13 +202,15 @@ def means_of(state: MomentState, *, name: str = "features") -> Tensor:
 class Centres:
     """Fixed class means for pass 2: ``means`` (K, D), the reference point ``centre`` (D,) ``r``,
     ``shifted`` (K, D) ``M_r = M - 1r^T``, ``sqnorm`` (K,) ``||μ_c - r||²`` and, for the Gram path's NCC rule,
-    ``dist2`` (K, K) ``||μ_a - μ_b||²`` (else ``None``)."""
+    ``dist2`` (K, K) ``||μ_a - μ_b||²`` (else ``None``); ``cache`` holds what the nearest-class-centre rule
+    derives from them once (the float32 copy, :func:`~deepcollapse.measure.pairwise.scaled_means`)."""
 
     means: Tensor
     centre: Tensor
     shifted: Tensor
     sqnorm: Tensor
     dist2: Tensor | None = None
+    cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 def centres(means: Tensor, counts: Tensor | None = None, *, pairwise: bool = False) -> Centres:
@@ -281,7 +283,9 @@ def _nearest(h: Tensor, p: Tensor | None, y: Tensor, ref: Centres, tile_bytes: i
     if p is not None and ref.dist2 is not None:
         own = p.gather(1, y[:, None])
         return (2.0 * (own - p) + ref.dist2.index_select(0, y)).argmin(1)
-    return nearest_rows(h, ref.centre, ref.shifted, ref.sqnorm, tile_bytes=tile_bytes)
+    if "f32" not in ref.cache and h.dtype in LOW_PRECISION:
+        ref.cache["f32"] = scaled_means(ref.shifted, ref.sqnorm)  # once per set of means, not per batch
+    return nearest_rows(h, ref.centre, ref.shifted, ref.sqnorm, tile_bytes=tile_bytes, scaled=ref.cache.get("f32"))
 
 
 def update_spread(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -17,11 +18,13 @@ from deepcollapse._validate import DeepCollapseError
 
 __all__ = [
     "DEFAULT_TILE_BYTES",
+    "ScaledMeans",
     "block_rows",
     "nearest_rows",
     "nearest_rows_certified",
     "nearest_rows_f64",
     "row_blocks",
+    "scaled_means",
     "score_error_bound",
 ]
 
@@ -51,7 +54,13 @@ def row_blocks(left: Tensor, right: Tensor, tile_bytes: int) -> Iterator[tuple[s
 
 
 def nearest_rows(
-    h: Tensor, centre: Tensor, shifted: Tensor, sqnorm: Tensor, *, tile_bytes: int = DEFAULT_TILE_BYTES
+    h: Tensor,
+    centre: Tensor,
+    shifted: Tensor,
+    sqnorm: Tensor,
+    *,
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+    scaled: ScaledMeans | None = None,
 ) -> Tensor:
     """Nearest class mean of each row of ``h`` (B, D): ``argmin_c ||h_i - μ_c||²`` (B,) int64.
 
@@ -61,10 +70,13 @@ def nearest_rows(
     over classes in ``tile_bytes``; ties go to the lowest class index.
 
     Features of 32 bits or fewer take :func:`nearest_rows_certified` (float32 products, float64 only for the
-    rows they cannot decide); the answer is the float64 rule's either way.
+    rows they cannot decide; ``scaled``, the means' float32 copy from :func:`scaled_means`, can be computed
+    once for many batches); the answer is the float64 rule's either way.
     """
     if h.dtype in LOW_PRECISION and _certifiable(h.shape[1], shifted.shape[0], h.device):
-        return nearest_rows_certified(h, centre, shifted, sqnorm, tile_bytes=tile_bytes)
+        scaled = scaled or scaled_means(shifted, sqnorm)
+        if scaled is not None:
+            return nearest_rows_certified(h, centre, shifted, sqnorm, scaled, tile_bytes=tile_bytes)
     return nearest_rows_f64(h, centre, shifted, sqnorm, tile_bytes=tile_bytes)
 
 
@@ -101,45 +113,68 @@ def _certifiable(dim: int, num_classes: int, device: torch.device) -> bool:
     return getattr(backend, "fp32_precision", "none") in ("none", "ieee")
 
 
+@dataclass(frozen=True)
+class ScaledMeans:
+    """The centred means ``m_c`` times a power of two ``scale = t`` with ``t·max_c ||m_c|| ∈ [1/2, 1)``, in
+    float32: ``means`` (K, D) ``fl(t m_c)``, ``sqnorm`` (K,) ``fl(t² ||m_c||²)``, and ``mnorm`` ``t·max_c ||m_c||``."""
+
+    scale: float
+    means: Tensor
+    sqnorm: Tensor
+    mnorm: float
+
+
+def scaled_means(shifted: Tensor, sqnorm: Tensor) -> ScaledMeans | None:
+    """:class:`ScaledMeans` of ``shifted`` (K, D) with squared row norms ``sqnorm``; ``None`` when every
+    ``m_c`` is 0 (or not finite): then only the float64 rule can order the classes."""
+    mnorm = math.sqrt(float(sqnorm.max()))
+    if not 0.0 < mnorm < math.inf:
+        return None
+    t = math.ldexp(1.0, -math.frexp(mnorm)[1])  # exact scaling: mnorm·t in [1/2, 1)
+    return ScaledMeans(t, (shifted * t).to(F32), (sqnorm * (t * t)).to(F32), mnorm * t)
+
+
 def score_error_bound(gnorm: Tensor, mnorm: float, dim: int) -> Tensor:
     r"""Bound on the rounding error of each row's float32 scores ``fl(fl(||m_c||²) - 2 fl(g_i·m_c))``.
 
-    With ``u = 2^-24``, ``γ_D = D u / (1 - D u)``, ``η = 2^-149`` (the subnormal spacing), ``M = max_c ||m_c||``
-    and both ``g_i`` and ``m_c`` rounded to float32 from float64 (docs/conventions.md, "Certified
-    nearest-class-centre scores"):
+    With ``u = 2^-24``, ``γ_D = D u / (1 - D u)``, ``η = 2^-149`` (the subnormal spacing), ``M = max_c ||m_c||
+    <= 1`` and both ``g_i`` and ``m_c`` rounded to float32 from float64 (docs/conventions.md, "Nearest-class-centre
+    scores in float32, certified"):
 
-    .. math:: |δ_{ic}| \le 2 \big[ 2(γ_D + 3u) ||g_i|| M + 2u M^2 + 8(D + 1) η \big]
+    .. math:: |δ_{ic}| \le 2 \big[ 2(γ_D + 3u) ||g_i|| M + 2u M^2 + 8(D + 1)(1 + ||g_i||) η \big]
 
     (the outer 2 is a safety factor for the second-order terms, the float64 rounding of ``g_i``, ``M`` and this
-    bound, and the float64 rule's own error). Needs ``D u <= 1/4``; ``|g_i|, M <= 1`` for the ``η`` term.
+    bound, and the float64 rule's own error). Needs ``D u <= 1/4``.
     """
     gamma = dim * U32 / (1.0 - dim * U32)
-    return SAFETY * (2.0 * (gamma + 3.0 * U32) * mnorm * gnorm + (2.0 * U32 * mnorm**2 + 8.0 * (dim + 1) * ETA32))
+    first = 2.0 * (gamma + 3.0 * U32) * mnorm * gnorm + 2.0 * U32 * mnorm**2
+    return SAFETY * (first + 8.0 * (dim + 1) * ETA32 * (1.0 + gnorm))
 
 
 def nearest_rows_certified(
-    h: Tensor, centre: Tensor, shifted: Tensor, sqnorm: Tensor, *, tile_bytes: int = DEFAULT_TILE_BYTES
+    h: Tensor,
+    centre: Tensor,
+    shifted: Tensor,
+    sqnorm: Tensor,
+    scaled: ScaledMeans,
+    *,
+    tile_bytes: int = DEFAULT_TILE_BYTES,
 ) -> Tensor:
     """:func:`nearest_rows` with float32 products, certified row by row.
 
-    ``g_i = h_i - r`` is formed in float64, then ``g_i`` and ``m_c`` are scaled by one power of two ``t`` (so
-    that ``max(||g_i||, ||m_c||) ∈ [1/2, 1)``: no overflow, and scores scale by ``t² > 0``) and rounded to
-    float32. A row whose best and second-best float32 scores differ by more than twice
+    ``g_i = h_i - r`` is formed in float64, scaled by the same power of two as the means (``scaled``, from
+    :func:`scaled_means`: every score scales by ``t² > 0``, the argmin not at all) and rounded to float32. A
+    row whose best and second-best float32 scores are finite and differ by more than twice
     :func:`score_error_bound` has the same argmin in exact arithmetic and under the float64 rule; the other
-    rows (near-ties, non-finite scores) are recomputed by :func:`nearest_rows_f64`.
+    rows (near-ties, overflow) are recomputed by :func:`nearest_rows_f64`.
     """
-    g = torch.sub(h, centre)  # float64 (B, D)
+    t = scaled.scale
+    g = torch.sub(h, centre).mul_(t)  # float64 (B, D), exactly t (h_i - r) up to the one subtraction
     gnorm = torch.linalg.vector_norm(g, dim=1)
-    mnorm = math.sqrt(float(sqnorm.max()))
-    top = max(float(gnorm.max()) if g.shape[0] else 0.0, mnorm)
-    if not 0.0 < top < math.inf:
-        return nearest_rows_f64(h, centre, shifted, sqnorm, tile_bytes=tile_bytes)
-    t = math.ldexp(1.0, -math.frexp(top)[1])  # exact scaling: top·t in [1/2, 1)
-    g32, m32, sq32 = g.mul_(t).to(F32), (shifted * t).to(F32), (sqnorm * (t * t)).to(F32)
-    best, second, arg = _two_smallest(g32, m32, sq32, tile_bytes)
-    bound = score_error_bound(gnorm * t, mnorm * t, h.shape[1])
-    doubt = ~((second.to(F64) - best.to(F64)) > 2.0 * bound)  # also catches NaN
-    rows = doubt.nonzero().flatten()
+    best, second, arg = _two_smallest(g.to(F32), scaled.means, scaled.sqnorm, tile_bytes)
+    best, second = best.to(F64), second.to(F64)
+    sure = (second - best > 2.0 * score_error_bound(gnorm, scaled.mnorm, h.shape[1])) & best.isfinite()
+    rows = (~(sure & second.isfinite())).nonzero().flatten()  # the negation also catches NaN
     if rows.numel():
         arg[rows] = nearest_rows_f64(h.index_select(0, rows), centre, shifted, sqnorm, tile_bytes=tile_bytes)
     return arg
