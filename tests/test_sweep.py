@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -74,7 +76,7 @@ def test_impossible_values_fail_before_running(tmp_path, override, match):
 
 def test_killed_and_resumed_equals_uninterrupted(tmp_path):
     full = tmp_path / "full"
-    summary = run_sweep(SPEC, full, threads=1)
+    summary = run_sweep(SPEC, full, threads=1, plot=False)
     assert summary["ran"] == 6
     ref = read_results(full)
     assert [r["index"] for r in ref] == list(range(6)) and all(r["steps"] == 150 for r in ref)
@@ -94,7 +96,8 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path):
     summary = run_sweep(SPEC, part, resume=True, threads=1)
     assert (summary["skipped"], summary["ran"]) == (3, 3)
     assert _strip(read_results(part)) == _strip(ref)
-    assert run_sweep(SPEC, part, resume=True)["ran"] == 0
+    assert run_sweep(SPEC, part, resume=True, plot=False)["ran"] == 0
+    assert (part / "summary.png").stat().st_size > 0
 
 
 def test_resume_with_another_spec(tmp_path):
@@ -183,9 +186,9 @@ def test_width_below_classes_is_refused_unless_allowed(tmp_path):
 
 def test_torn_last_row_is_dropped_and_rerun(tmp_path):
     spec = {**SPEC, "grid": {"seed": [0, 1, 2]}}
-    run_sweep(spec, tmp_path / "full", threads=1)
+    run_sweep(spec, tmp_path / "full", threads=1, plot=False)
     part = tmp_path / "part"
-    run_sweep(spec, part, threads=1)
+    run_sweep(spec, part, threads=1, plot=False)
     text = (part / "results.csv").read_text()
     last = text.rstrip("\n").rfind("\n") + 1
     (part / "results.csv").write_text(text[:last] + text[last : last + 30])  # a write cut short
@@ -193,3 +196,149 @@ def test_torn_last_row_is_dropped_and_rerun(tmp_path):
         summary = run_sweep(spec, part, resume=True, threads=1)
     assert (summary["skipped"], summary["ran"]) == (2, 1)
     assert _strip(read_results(part)) == _strip(read_results(tmp_path / "full"))
+
+
+# ---------------------------------------------------------------- the files a sweep writes (tiny runs, no plot)
+
+TINY = {
+    "grid": {"seed": [0, 1]},
+    "fixed": {"num_classes": 2, "n_per_class": 2, "num_layers": 2, "width": 3, "max_steps": 20, "lambda": 0.004},
+    "analysis": False,
+}
+HEADER = (
+    "key,index,num_classes,n_per_class,num_layers,width,lambda_h,lambda_w,init_std,seed,dtype,lr,max_steps,tol_grad,"
+    "tol_rel,patience,loss,fit,reg,grad_norm,steps,stop_reason,dnc_loss,ratio_dnc,srg_loss,ratio_srg,rank_pre,"
+    "rank_post,rank_pre_last,rank_out,nc1,nc2_etf,nc2_orth,verdict,seconds"
+)
+
+
+def test_the_table_and_sweep_json_hold_exactly_the_runs(tmp_path):
+    starts = []
+    summary = run_sweep(TINY, tmp_path, threads=1, plot=False, on_start=lambda *a: starts.append(a))
+    digest = spec_hash(TINY)
+    assert {k: v for k, v in summary.items() if k != "seconds"} == {
+        "out": str(tmp_path / "results.csv"),
+        "plot": None,
+        "spec_hash": digest,
+        "total": 2,
+        "skipped": 0,
+        "ran": 2,
+        "backend": "local",
+    }
+    assert starts == [(2, 0)] and not (tmp_path / "summary.png").exists()
+    lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert lines[0] == HEADER and len(lines) == 3
+    items = expand_spec(TINY)
+    for line, item in zip(sorted(lines[1:], key=lambda s: s.split(",")[1]), items, strict=True):
+        params = f"{item['key']},{item['index']},2,2,2,3,0.004,0.004,1.0,{item['index']},float64,0.5,20,1e-05,1e-13,20,"
+        assert line.startswith(params)
+        cells = line.split(",")
+        assert cells[20:22] == ["20", "max_steps"] and cells[22:34] == [""] * 12  # no analysis asked
+        assert float(cells[16]) == pytest.approx(float(cells[17]) + float(cells[18]), rel=1e-12)
+    meta = json.loads((tmp_path / "sweep.json").read_text())
+    assert meta == {"spec": validate_spec(TINY), "spec_hash": digest, "columns": HEADER.split(",")}
+
+
+def test_resume_refuses_a_table_it_cannot_attribute(tmp_path):
+    run_sweep(TINY, tmp_path, threads=1, plot=False)
+    table = tmp_path / "results.csv"
+    other = {**TINY, "grid": {"seed": [0, 1, 2]}}
+    with pytest.raises(DeepCollapseError) as info:
+        run_sweep(other, tmp_path, resume=True)
+    assert str(info.value) == (
+        f"{table} was written by a different spec (hash {spec_hash(TINY)} != {spec_hash(other)});"
+        " use another out or overwrite=True"
+    )
+    (tmp_path / "sweep.json").unlink()
+    with pytest.raises(DeepCollapseError) as info:
+        run_sweep(TINY, tmp_path, resume=True)
+    assert str(info.value) == f"{table} has no sweep.json beside it; cannot tell which spec wrote it"
+
+
+def test_overwrite_replaces_and_resume_starts_a_new_table(tmp_path):
+    run_sweep(TINY, tmp_path / "a", threads=1, plot=False)
+    one = {**TINY, "grid": {"seed": [5]}}
+    summary = run_sweep(one, tmp_path / "a", overwrite=True, threads=1, plot=False)
+    assert summary["ran"] == 1 and [r["seed"] for r in read_results(tmp_path / "a")] == [5]
+    assert json.loads((tmp_path / "a" / "sweep.json").read_text())["spec_hash"] == spec_hash(one)
+    summary = run_sweep(one, tmp_path / "b" / "c", resume=True, threads=1, plot=False)  # nothing to resume
+    assert (summary["ran"], summary["skipped"]) == (1, 0) and len(read_results(tmp_path / "b" / "c")) == 1
+    with pytest.raises(DeepCollapseError, match=r"^backend must be 'local' or 'ray', got 'spark'$"):
+        run_sweep(one, tmp_path / "d", backend="spark")
+    assert not (tmp_path / "d").exists()
+
+
+def test_threads_are_set_for_the_run_and_restored(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    seen = []
+    run_sweep(TINY, tmp_path / "a", threads=3, plot=False, on_row=lambda r: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(os, "cpu_count", lambda: 5)
+    run_sweep(TINY, tmp_path / "b", plot=False, on_row=lambda r: seen.append(torch.get_num_threads()))
+    assert seen == [3, 3, 5, 5] and torch.get_num_threads() == before
+
+
+def test_batches_hold_one_shape_and_at_most_batch_size_configurations(tmp_path, monkeypatch):
+    from deepcollapse.experiments import sweep
+
+    sizes = []
+
+    def spy(configs, options, **kw):
+        sizes.append([(c.width, c.seed) for c in configs])
+        assert options.lr == [0.5] * len(configs)
+        return real(configs, options, **kw)
+
+    real = sweep.train_batched
+    monkeypatch.setattr(sweep, "train_batched", spy)
+    fixed = {k: v for k, v in TINY["fixed"].items() if k != "width"}
+    spec = {**TINY, "grid": {"width": [3, 4], "seed": [0, 1, 2]}, "fixed": fixed, "batch_size": 2}
+    run_sweep(spec, tmp_path / "a", threads=1, plot=False)
+    assert sizes == [[(3, 0), (3, 1)], [(3, 2)], [(4, 0), (4, 1)], [(4, 2)]]
+    sizes.clear()
+    run_sweep({**spec, "batch_size": 3}, tmp_path / "b", threads=1, plot=False)
+    assert sizes == [[(3, 0), (3, 1), (3, 2)], [(4, 0), (4, 1), (4, 2)]]
+    sizes.clear()
+    run_sweep({k: v for k, v in spec.items() if k != "batch_size"}, tmp_path / "c", threads=1, plot=False)
+    assert sizes == [[(3, 0), (3, 1), (3, 2)], [(4, 0), (4, 1), (4, 2)]]
+    sizes.clear()
+    fixed = {k: v for k, v in TINY["fixed"].items() if k != "max_steps"}
+    steps = {
+        **TINY,
+        "grid": {"max_steps": [10, 20], "seed": [0]},
+        "fixed": fixed,
+    }  # other stopping rules: other batches
+    run_sweep(steps, tmp_path / "d", threads=1, plot=False)
+    assert len(sizes) == 2 and [r["steps"] for r in read_results(tmp_path / "d")] == [10, 20]
+
+
+@pytest.mark.parametrize(
+    ("cpus", "batch", "tasks"),
+    [
+        (2, 256, [[0, 1], [2, 3], [4]]),
+        (None, 256, [[0, 1, 2], [3, 4]]),  # no CPU count: one CPU
+        (0, 256, [[0, 1, 2], [3, 4]]),
+        (4, 256, [[0], [1], [2], [3], [4]]),
+        (1, 2, [[0, 1], [2, 3], [4]]),
+    ],
+)
+def test_the_ray_backend_sends_batches_as_tasks_and_writes_their_rows(tmp_path, monkeypatch, cpus, batch, tasks):
+    """Two tasks per cluster CPU (one CPU each, at most batch_size configurations), rows as the local backend's."""
+    from test_sweep_spec import FakeRay
+
+    spec = {**TINY, "grid": {"seed": [0, 1, 2, 3, 4]}, "batch_size": batch}
+    fake = FakeRay(cpus=cpus)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    summary = run_sweep(spec, tmp_path / "ray", backend="ray", plot=False)
+    assert [t[0] for t in fake.tasks] == tasks and set(fake.num_cpus) == {1}
+    assert {t[1:] for t in fake.tasks} == {(False, 1)} and summary["backend"] == "ray"
+    run_sweep(spec, tmp_path / "local", threads=1, plot=False)
+    assert _strip(read_results(tmp_path / "ray")) == _strip(read_results(tmp_path / "local"))
+
+
+def test_ray_tasks_analyse_and_use_the_threads_asked_for(tmp_path, monkeypatch):
+    from test_sweep_spec import FakeRay
+
+    fake = FakeRay(cpus=1)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    run_sweep({**TINY, "analysis": True}, tmp_path, backend="ray", threads=2, plot=False)
+    assert fake.tasks == [([0], True, 2), ([1], True, 2)] and fake.threads_seen == 2
+    assert [r["verdict"] is not None for r in read_results(tmp_path)] == [True, True]

@@ -12,12 +12,16 @@ A spec is JSON (a dict or a file)::
 
 The configurations are the product of the ``grid`` lists, times ``random.draws`` draws when ``random`` is
 given (distributions ``uniform``, ``log_uniform``, ``int_uniform`` over ``[low, high]`` and ``choice``
-over a list), with ``fixed`` values added. ``lambda`` sets both ``lambda_h`` and ``lambda_w``. Every
-configuration is validated before anything runs; errors name the key and the configuration.
+over a list, drawn from ``random.seed``, default 0), with ``fixed`` values added. ``lambda`` sets both
+``lambda_h`` and ``lambda_w`` (unless they are given). Every configuration is validated before anything runs;
+errors name the key and the configuration. A configuration's parameters are those of its validated
+:class:`DUFMConfig` and :class:`GDOptions` (defaults filled in, integers as ints, equal per-layer values as one),
+and its ``key`` is the first 12 hex digits of the SHA-256 of those parameters as JSON with sorted keys.
 
 Results go to ``DIR/results.csv``, one row per configuration, appended (and fsynced) as each one
 finishes, so a killed sweep loses only the runs in flight; ``DIR/sweep.json`` keeps the spec and its
-hash. ``resume=True`` skips the rows already in the table and refuses a table written for another spec.
+hash (the first 16 hex digits of the SHA-256 of the validated spec as compact JSON with sorted keys).
+``resume=True`` skips the rows (keys) already in the table and refuses a table written for another spec.
 The local backend trains configurations with the same shapes together (:mod:`deepcollapse.dufm.batched`) on
 all cores; ``backend="ray"`` sends batches to a Ray cluster (``pip install 'deepcollapse[ray]'``).
 """
@@ -25,6 +29,7 @@ all cores; ``backend="ray"`` sends batches to a Ray cluster (``pip install 'deep
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -56,6 +61,7 @@ __all__ = [
     "result_row",
     "run_sweep",
     "spec_hash",
+    "sweep_figure",
     "validate_spec",
 ]
 
@@ -151,7 +157,7 @@ def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
             raise DeepCollapseError(f"random must be an object {{draws, seed, params}}, got {rnd!r}")
         _unknown("random", list(rnd), ("draws", "seed", "params"))
         check_positive_int("random.draws", rnd.get("draws"))
-        params = rnd.get("params", {})
+        params = rnd.get("params")
         if not isinstance(params, Mapping) or not params:
             raise DeepCollapseError("random.params must name at least one parameter and its distribution")
         _unknown("random.params", list(params), PARAM_KEYS)
@@ -223,9 +229,7 @@ def expand_spec(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
         try:
             config = DUFMConfig(**{k: params[k] for k in DUFM_KEYS if k in params})
             options = GDOptions(**{k: params[k] for k in SOLVER_KEYS if k in params})
-        except DeepCollapseError as e:
-            raise DeepCollapseError(f"configuration #{i} ({json.dumps(point)}): {e}") from None
-        except TypeError as e:
+        except (DeepCollapseError, TypeError) as e:
             raise DeepCollapseError(f"configuration #{i} ({json.dumps(point)}): {e}") from None
         if isinstance(options.lr, list):
             raise DeepCollapseError(f"configuration #{i}: lr must be one number")
@@ -236,17 +240,11 @@ def expand_spec(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
                 f'({", ".join(narrow)}): the DNC optimum needs every width >= K; set "allow_narrow": true in '
                 "the spec to run it anyway"
             )
-        full = {
-            **{k: params.get(k, getattr(config, k)) for k in DUFM_KEYS},
-            **{k: getattr(options, k) for k in SOLVER_KEYS},
-        }
-        full.update(num_classes=config.num_classes, num_layers=config.num_layers, seed=config.seed)
+        full = {k: getattr(config, k) for k in DUFM_KEYS} | {k: getattr(options, k) for k in SOLVER_KEYS}
         out.append({"key": _key(full), "index": i, "params": full, "config": config, "options": options})
     keys = [c["key"] for c in out]
     if len(set(keys)) != len(keys):
         raise DeepCollapseError("the spec produces duplicate configurations; give each a distinct seed or value")
-    if not out:
-        raise DeepCollapseError("the spec produces no configurations")
     return out
 
 
@@ -313,15 +311,8 @@ def _chunks(items: Sequence[dict[str, Any]], size: int) -> list[list[dict[str, A
 
 
 def _options(chunk: Sequence[Mapping[str, Any]]) -> GDOptions:
-    """One GDOptions for a batch: per-config lr, the batch's shared stopping rules."""
-    o = [it["options"] for it in chunk]
-    return GDOptions(
-        lr=[x.lr for x in o],
-        max_steps=o[0].max_steps,
-        tol_grad=min(x.tol_grad for x in o),
-        tol_rel=min(x.tol_rel for x in o),
-        patience=max(x.patience for x in o),
-    )
+    """One GDOptions for a batch: per-config lr, the stopping rules its members share (see ``_chunks``)."""
+    return dataclasses.replace(chunk[0]["options"], lr=[it["options"].lr for it in chunk])
 
 
 def _run_chunk(chunk: Sequence[Mapping[str, Any]], analysis: bool, on_row: Callable[[dict], None] | None) -> list[dict]:
@@ -349,7 +340,7 @@ def _probe(address: str | None, *, timeout: float = 3.0) -> None:
     hostport = address.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise DeepCollapseError(f"--ray-address must be host:port or ray://host:port, got {address!r}")
+        raise DeepCollapseError(f"ray_address must be host:port or ray://host:port, got {address!r}")
     import socket
 
     try:
@@ -363,7 +354,7 @@ def _connect_ray(address: str | None) -> Any:
     try:
         import ray
     except ImportError:
-        raise DeepCollapseError("--backend ray needs Ray: pip install 'deepcollapse[ray]'") from None
+        raise DeepCollapseError("backend='ray' needs Ray: pip install 'deepcollapse[ray]'") from None
     if ray.is_initialized():
         return ray
     _probe(address)
@@ -389,7 +380,7 @@ def repair_table(path: str | Path) -> bool:
         return False
     keep = data if data.endswith(b"\n") else data[: data.rfind(b"\n") + 1]
     lines = keep.decode("utf-8").splitlines()
-    if len(lines) > 1 and len(next(csv.reader([lines[-1]]))) != len(next(csv.reader([lines[0]]))):
+    if lines and len(next(csv.reader([lines[-1]]))) != len(next(csv.reader([lines[0]]))):
         keep = keep[: keep.rstrip(b"\n").rfind(b"\n") + 1]
     if keep == data:
         return False
@@ -401,19 +392,16 @@ def repair_table(path: str | Path) -> bool:
     return True
 
 
-def _table_check(out: Path, digest: str, resume: bool) -> set[str]:
+def _table_check(out: Path, digest: str) -> set[str]:
+    """The keys already in ``out/results.csv``, after checking that ``digest``'s spec wrote it."""
     meta_path, table = out / META, out / RESULTS
-    if not resume:
-        return set()
-    if not table.exists():
-        return set()
     if not meta_path.exists():
         raise DeepCollapseError(f"{table} has no {META} beside it; cannot tell which spec wrote it")
     meta = read_json(meta_path)
     if meta.get("spec_hash") != digest:
         raise DeepCollapseError(
             f"{table} was written by a different spec (hash {meta.get('spec_hash')} != {digest});"
-            " use another --out or --overwrite"
+            " use another out or overwrite=True"
         )
     repair_table(table)
     return {str(r["key"]) for r in read_csv(table)}
@@ -430,11 +418,13 @@ def run_sweep(
     threads: int | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
+    plot: bool = True,
 ) -> dict[str, Any]:
     """Run every configuration of ``spec`` not already in ``out/results.csv``; returns a summary.
 
     ``on_start(total, done)`` is called once the work is known; ``on_row(row)`` after each row is saved.
-    ``threads`` (default: all cores) sets torch's intra-op threads for the local backend.
+    ``threads`` (default: all cores) sets torch's intra-op threads for the local backend. ``plot`` writes
+    ``out/summary.png`` (:func:`plot_sweep`) of the whole table at the end.
     """
     if backend not in ("local", "ray"):
         raise DeepCollapseError(f"backend must be 'local' or 'ray', got {backend!r}")
@@ -445,11 +435,9 @@ def run_sweep(
     batch = int(spec.get("batch_size", 256))
     out = Path(out)
     if resume and (out / RESULTS).exists():
-        finished = _table_check(out, digest, resume)
+        finished = _table_check(out, digest)
     else:
         prepare_out_dir(out, overwrite=overwrite, resume=resume)
-        if overwrite:
-            (out / META).unlink(missing_ok=True)
         finished = set()
     write_json(out / META, {"spec": validate_spec(spec), "spec_hash": digest, "columns": list(COLUMNS)})
     todo = [it for it in items if it["key"] not in finished]
@@ -480,10 +468,11 @@ def run_sweep(
             ready, refs = ray.wait(refs, num_returns=1)
             for row in ray.get(ready[0]):
                 save(row)
-    plot_sweep(read_results(out), out / SUMMARY_PLOT)
+    if plot:
+        plot_sweep(read_results(out), out / SUMMARY_PLOT)
     return {
         "out": str(out / RESULTS),
-        "plot": str(out / SUMMARY_PLOT),
+        "plot": str(out / SUMMARY_PLOT) if plot else None,
         "spec_hash": digest,
         "total": len(items),
         "skipped": len(items) - len(todo),
@@ -515,19 +504,22 @@ def read_results(out: str | Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["index"])
 
 
-def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """The sweep at a glance: runs per verdict (left) and ``loss / L_DNC`` of every run, by verdict (right)."""
+def _verdict(row: Mapping[str, Any]) -> str:
+    return str(row.get("verdict") or "-")
+
+
+def sweep_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
+    """The sweep at a glance (a matplotlib Figure): runs per verdict (left) and ``loss / L_DNC`` of every run
+    against its configuration index, one series per verdict, with the line ``loss = L_DNC`` (right)."""
     from deepcollapse.plots import _plt
 
-    plt = _plt()
-    verdicts = sorted({str(r.get("verdict") or "-") for r in rows})
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
-    counts = [sum(str(r.get("verdict") or "-") == v for r in rows) for v in verdicts]
-    left.bar(verdicts, counts, color="tab:blue")
+    verdicts = sorted({_verdict(r) for r in rows})
+    fig, (left, right) = _plt().subplots(1, 2, figsize=(9, 3.6))
+    left.bar(verdicts, [sum(_verdict(r) == v for r in rows) for v in verdicts])
     left.set_ylabel("runs")
     left.set_title(f"{len(rows)} configurations", fontsize=9)
     for v in verdicts:
-        pts = [(r["index"], r["ratio_dnc"]) for r in rows if str(r.get("verdict") or "-") == v]
+        pts = [(r["index"], r["ratio_dnc"]) for r in rows if _verdict(r) == v]
         pts = [(i, y) for i, y in pts if isinstance(y, float) and math.isfinite(y) and y > 0]
         if pts:
             right.scatter(*zip(*pts, strict=True), s=12, label=v)
@@ -538,8 +530,16 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     if right.collections:
         right.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """:func:`sweep_figure` saved as a PNG of 810 x 324 pixels at ``path`` (parent directories created)."""
+    from deepcollapse.plots import _plt
+
+    fig = sweep_figure(rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _plt().close(fig)
     return path
