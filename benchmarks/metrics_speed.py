@@ -35,8 +35,11 @@ bank of pre-generated blocks: a stand-in for reading stored features; its time i
   float32 (the features' precision) and in float64 (the precision the package keeps its products in).
 
 Ratios printed: anchor / measure and anchor / nc1 (end to end, and with the source's time removed from
-both) and measure / bound, nc1 / bound (source removed). Peak memory is each process's peak resident set
-above what it held before the measurement started.
+both) and measure / bound, nc1 / bound (source removed). The **ceiling** line is the best end-to-end ratio
+any exact method with float64 products could reach in the same run: anchor / (source + the float64
+product), with the least source time of the run; a target above it cannot be met without giving up the
+float64 products (docs/conventions.md, "Why the products stay in float64"). Peak memory is each process's
+peak resident set above what it held before the measurement started.
 """
 
 from __future__ import annotations
@@ -271,9 +274,27 @@ def scenario(name: str, cfg: dict[str, Any]) -> None:
             compute = m["seconds"] - m["source_seconds"]
             t32, t64 = (flops / res["bound"]["metrics"][g] / 1e9 for g in ("gflops", "gflops64"))
             print(f"  {name} computing / bound: x{compute / t32:.2f} (float32 product), x{compute / t64:.2f} (float64)")
+    ceiling(res, flops)
     if m and "error" not in m and cfg.get("limit_gib"):
         ok = m["peak_bytes"] <= cfg["limit_gib"] * 2**30
         print(f"  peak memory {m['peak_bytes'] / 2**30:.2f} GiB ({'within' if ok else 'ABOVE'} {cfg['limit_gib']} GiB)")
+
+
+def ceiling(res: dict[str, Any], flops: float) -> None:
+    """The best ratio to the anchor that an exact method with float64 products can reach on this run:
+    ``anchor / (source + float64 product)``, with the source's time the least any method of the run spent
+    reading the data twice (every method here makes two passes) and the product the one N·D·min(D, K)
+    float64 product no exact method avoids (docs/conventions.md: the NC1 products stay in float64)."""
+    a, b = res.get("anchor"), res.get("bound")
+    if not a or not b or "error" in a or "error" in b:
+        return
+    src = min(r["source_seconds"] for r in res.values() if "source_seconds" in r and r["source_seconds"] > 0)
+    t64, t32 = (flops / b["metrics"][g] / 1e9 for g in ("gflops64", "gflops"))
+    print(
+        f"  ceiling  best possible with float64 products: anchor / (source + float64 product) ="
+        f" {a['seconds']:.2f} / ({src:.2f} + {t64:.2f}) = x{a['seconds'] / (src + t64):.1f}"
+        f" (float32 products, which cannot guarantee 1e-6: x{a['seconds'] / (src + t32):.1f})"
+    )
 
 
 def main() -> None:
