@@ -272,10 +272,11 @@ def test_init_draws_the_documented_scales():
 
 def test_seed_fixes_the_start_in_every_dtype_and_a_generator_overrides_it():
     cfg = DUFMConfig(num_classes=3, n_per_class=[2, 3, 4], num_layers=2, width=[5, 6], seed=3)
-    torch.manual_seed(0)
-    a = DUFM(cfg)
-    torch.manual_seed(1)
-    b = DUFM(cfg)
+    with torch.random.fork_rng():  # the global RNG state differs between the two draws
+        torch.manual_seed(0)
+        a = DUFM(cfg)
+        torch.manual_seed(1)
+        b = DUFM(cfg)
     c = DUFM(DUFMConfig(**{**cfg.to_dict(), "dtype": "float32"}))
     d = DUFM(DUFMConfig(**{**cfg.to_dict(), "seed": 99}), generator=torch.Generator().manual_seed(3))
     for pa, pb, pc, pd in zip(a.parameters(), b.parameters(), c.parameters(), d.parameters(), strict=True):
