@@ -3,6 +3,10 @@ r"""Tiled work on the K x K class-pair matrices, in O(K·D + tile) memory.
 Every pairwise metric (CDNV, the NC2 Gram distances, the angle statistics) is a sum over entries of the
 Gram matrix ``G = M̄ M̄^T`` of the centred means. :func:`row_blocks` yields ``G`` a block of rows at a
 time, each block of at most ``tile_bytes`` (float64), so K = 50,000 classes never form the 20 GB matrix.
+
+The nearest-class-centre rule (:func:`nearest_rows`) is the other ``K``-wide product: its ``B x K`` scores
+are tiled over classes the same way, and for float32/float16/bfloat16 features they take float32 products
+with a per-row rounding bound, float64 deciding the rows the bound leaves open (docs/conventions.md).
 """
 
 from __future__ import annotations
