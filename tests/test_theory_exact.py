@@ -6,10 +6,13 @@ from __future__ import annotations
 import math
 from decimal import Decimal, localcontext
 
+import numpy as np
 import pytest
+import torch
 
 from deepcollapse import theory as T
 from deepcollapse._validate import DeepCollapseError
+from deepcollapse.dufm.model import DUFM, DUFMConfig
 from reference import dec_dnc_objective, dec_optimal_scale
 
 EPS = 2.0**-52
@@ -269,3 +272,230 @@ def test_closed_form_input_errors(fn):
         fn(**{**kw, "lambda_h": -0.01})
     with pytest.raises(DeepCollapseError, match=r"^n must be >= 1, got 0$"):
         fn(**{**kw, "n": 0})
+
+
+def test_scales_at_c_exactly_one_past_the_threshold():
+    """n = 1 and every λ = 1 give C = 1 exactly, far past the threshold: every scale is 0 (not undetermined)."""
+    sol = T.dnc_solution(num_classes=2, num_layers=2, n=1, lambda_h=1.0, lambda_w=1.0)
+    assert (sol.c, sol.s, sol.t, sol.q, sol.weight_norms, sol.dnc_loss) == (1.0, 0.0, 0.0, [0.0], [0.0, 0.0], 0.5)
+
+
+def test_zero_threshold_exactly_at_it():
+    """L = 1, K = 2, n = 1, λ = 1/2: C = 1/2 = C^* exactly; the optimum s = 1 - K C is 0 there."""
+    zt = T.zero_threshold(num_classes=2, num_layers=1, n=1, lambda_h=0.5, lambda_w=0.5)
+    assert zt.c == T.dnc_constant(1, 1, 0.5, 0.5) == 0.5 and zt.scale == 1.0
+    assert zt.zero_is_optimal is True and zt.zero_is_global_optimum is True
+    assert T.dnc_scale(num_classes=2, num_layers=1, n=1, lambda_h=0.5, lambda_w=0.5) == 0.0
+
+
+def test_zero_threshold_default_lambdas_are_zero():
+    assert T.zero_threshold(num_classes=3, num_layers=2, n=5, lambda_h=0.1).scale == math.inf
+    assert T.zero_threshold(num_classes=3, num_layers=2, n=5, lambda_w=0.1).scale == math.inf
+
+
+# ------------------------------------------------------------------ explicit parameters
+
+
+def np_forward(h, ws):
+    feats = [h]
+    for w in ws[:-1]:
+        feats.append(np.maximum(w @ feats[-1], 0))
+    return feats, ws[-1] @ feats[-1]
+
+
+@pytest.mark.parametrize("h1", ["orthogonal", "antipodal", "etf"])
+def test_optimal_parameters_shapes_norms_and_dtype(h1):
+    widths = [1 if h1 == "antipodal" else 4, 5, 3]  # antipodal means need one H1 dimension only
+    kw = dict(num_classes=2, n_per_class=3, num_layers=3, width=widths, lambda_h=3e-3, lambda_w=[1e-3, 4e-3, 2e-3])
+    cfg = DUFMConfig(**kw, dtype="float32")
+    h, ws = T.optimal_parameters(cfg, h1=h1, generator=torch.Generator().manual_seed(1))
+    assert h.dtype == torch.float32 and all(w.dtype == torch.float32 for w in ws)
+    assert tuple(h.shape) == (widths[0], 6)
+    assert [tuple(w.shape) for w in ws] == [(5, widths[0]), (3, 5), (2, 3)]
+    sol = T.dnc_solution(num_classes=2, num_layers=3, n=3, lambda_h=3e-3, lambda_w=[1e-3, 4e-3, 2e-3])
+    hn, wn = h.double().numpy(), [w.double().numpy() for w in ws]
+    feats, out = np_forward(hn, wn)
+    assert [np.linalg.norm(w) for w in wn] == pytest.approx(sol.weight_norms, rel=1e-6)  # float32 parameters
+    for f, norm in zip(feats, [sol.t, *sol.q], strict=True):
+        assert np.linalg.norm(f, axis=0) == pytest.approx(np.full(6, norm), rel=1e-6)
+    assert out == pytest.approx(sol.s * np.kron(np.eye(2), np.ones((1, 3))), abs=1e-6)
+
+
+def test_optimal_parameters_follow_the_generator():
+    cfg = DUFMConfig(num_classes=3, n_per_class=2, num_layers=2, width=5, lambda_h=1e-3, lambda_w=1e-3)
+    for h1 in ("orthogonal", "etf"):
+        plain, _ = T.optimal_parameters(cfg, h1=h1)
+        a, wa = T.optimal_parameters(cfg, h1=h1, generator=torch.Generator().manual_seed(7))
+        b, wb = T.optimal_parameters(cfg, h1=h1, generator=torch.Generator().manual_seed(7))
+        c, _ = T.optimal_parameters(cfg, h1=h1, generator=torch.Generator().manual_seed(8))
+        assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(wa, wb, strict=True))
+        assert not torch.allclose(a, c, atol=1e-3) and not torch.allclose(a, plain, atol=1e-3)
+        assert int((plain.abs() > 0).any(1).sum()) == 3  # without a generator: the first K coordinates
+    k2 = DUFMConfig(num_classes=2, n_per_class=2, num_layers=2, width=4, lambda_h=1e-3, lambda_w=1e-3)
+    a, _ = T.optimal_parameters(k2, h1="antipodal", generator=torch.Generator().manual_seed(7))
+    b, _ = T.optimal_parameters(k2, h1="antipodal", generator=torch.Generator().manual_seed(7))
+    plain, _ = T.optimal_parameters(k2, h1="antipodal")
+    assert torch.equal(a, b) and not torch.allclose(a, plain, atol=1e-3)
+
+
+def test_optimal_parameters_on_the_configs_device():
+    """Placed on ``config.device`` (the meta device: shapes only, no accelerator needed)."""
+    cfg = DUFMConfig(num_classes=2, n_per_class=2, num_layers=2, width=3, device="meta")
+    h, ws = T.optimal_parameters(cfg)
+    assert h.device.type == "meta" and all(w.device.type == "meta" for w in ws)
+
+
+def test_zero_solution_parameters_are_zero():
+    cfg = DUFMConfig(num_classes=3, n_per_class=2, num_layers=3, width=[4, 5, 3], lambda_h=0.2, lambda_w=0.2)
+    h, ws = T.optimal_parameters(cfg, h1="etf", generator=torch.Generator().manual_seed(0))
+    assert tuple(h.shape) == (4, 6) and [tuple(w.shape) for w in ws] == [(5, 4), (3, 5), (3, 3)]
+    assert not h.any() and not any(w.any() for w in ws)
+
+
+@pytest.mark.parametrize(
+    "kw, h1, message",
+    [
+        (
+            dict(num_classes=3, num_layers=3, width=[4, 2, 5]),
+            "orthogonal",
+            r"^.*layer\(s\) \[2\] have width\(s\) \[2\]$",
+        ),
+        (dict(num_classes=3, num_layers=2, width=[2, 1]), "etf", r"^.*layer\(s\) \[1, 2\] have width\(s\) \[2, 1\]$"),
+        (dict(num_classes=2, num_layers=2, width=[1, 4]), "orthogonal", r"^.*layer\(s\) \[1\] have width\(s\) \[1\]$"),
+        (dict(num_classes=2, num_layers=2, width=[1, 1]), "antipodal", r"^.*layer\(s\) \[2\] have width\(s\) \[1\]$"),
+        (
+            dict(num_classes=3, num_layers=2, width=4),
+            "simplex",
+            r"^h1 must be 'orthogonal', 'antipodal' or 'etf', got 'simplex'$",
+        ),
+        (
+            dict(num_classes=3, num_layers=2, width=4),
+            "antipodal",
+            r"^h1='antipodal' is optimal for K = 2 and L >= 2 only$",
+        ),
+        (
+            dict(num_classes=2, num_layers=1, width=4),
+            "antipodal",
+            r"^h1='antipodal' is optimal for K = 2 and L >= 2 only$",
+        ),
+        (dict(num_classes=2, num_layers=1, width=4), "etf", r"^h1='etf' needs a ReLU after H1 \(L >= 2\)$"),
+        (
+            dict(num_classes=2, n_per_class=[3, 4]),
+            "orthogonal",
+            r"^the closed-form optimum is for balanced classes \(one n_per_class\)$",
+        ),
+        (
+            dict(num_classes=2, lambda_w=0.0),
+            "orthogonal",
+            r"^the optimal scales are not unique when some λ is 0; give every λ a positive value$",
+        ),
+    ],
+)
+def test_optimal_parameters_errors(kw, h1, message):
+    with pytest.raises(DeepCollapseError, match=message):
+        T.optimal_parameters(DUFMConfig(**kw), h1=h1)
+
+
+def test_width_message_names_k():
+    with pytest.raises(DeepCollapseError, match=r"^the DNC optimum needs every width >= K = 3; layer\(s\)"):
+        T.optimal_parameters(DUFMConfig(num_classes=3, width=2))
+
+
+# ------------------------------------------------------------------ check
+
+
+def np_report(h, ws, counts, lambda_h, lambda_w):
+    """The measured side of ``check`` in float64 numpy: loss terms, s, per-layer class-mean norms."""
+    h, ws = h.astype(np.float64), [w.astype(np.float64) for w in ws]
+    y = np.repeat(np.arange(len(counts)), counts)
+    feats, out = np_forward(h, ws)
+    onehot = np.eye(len(counts))[:, y]
+    fit = 0.5 * ((out - onehot) ** 2).sum() / len(y)
+    reg = 0.5 * (lambda_h * (h**2).sum() + sum(lam * (w**2).sum() for lam, w in zip(lambda_w, ws, strict=True)))
+    s = np.mean([out[c, y == c].mean() for c in range(len(counts))])
+    norms = [np.linalg.norm([f[:, y == c].mean(1) for c in range(len(counts))], axis=1) for f in feats]
+    return fit, reg, s, norms
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(lambda_h=4e-3, lambda_w=[4e-3, 1e-3, 2e-3]),  # before the threshold
+        dict(lambda_h=0.2, lambda_w=0.2),  # past it: every prediction 0
+        dict(lambda_h=0.0, lambda_w=0.01),  # C = 0: s = 1, the other scales undetermined (nan)
+    ],
+)
+def test_check_every_entry_at_a_float32_point(kw):
+    cfg = DUFMConfig(num_classes=3, n_per_class=4, num_layers=3, width=[6, 5, 4], dtype="float32", **kw)
+    model = DUFM(cfg)  # a random float32 point: check works in float64
+    h, ws = model.h1.detach().numpy(), [w.detach().numpy() for w in model.weights]
+    report = T.check(model.h1, list(model.weights), cfg)
+    fit, reg, s, norms = np_report(h, ws, cfg.counts, cfg.lambda_h, cfg.lambdas_w)
+    sol = T.dnc_solution(num_classes=3, num_layers=3, n=4, lambda_h=cfg.lambda_h, lambda_w=cfg.lambdas_w)
+    assert set(report) == {"loss", "fit", "reg", "dnc_loss", "gap", "s", "s_theory", "s_rel_err", "h1_cos"} | {
+        "layers",
+        "zero_threshold",
+    }
+    assert report["fit"] == pytest.approx(fit, rel=1e-13) and report["reg"] == pytest.approx(reg, rel=1e-13)
+    assert report["loss"] == pytest.approx(fit + reg, rel=1e-13)
+    assert report["dnc_loss"] == sol.dnc_loss and report["s_theory"] == sol.s
+    assert report["zero_threshold"] == sol.zero_threshold.to_dict()
+    assert report["s"] == pytest.approx(s, rel=1e-13)
+    want = abs(s) if sol.s == 0 else abs(s - sol.s) / sol.s  # against a predicted 0: the measured value
+    assert report["s_rel_err"] == pytest.approx(want, rel=1e-12)
+    for l, (e, w, nrm) in enumerate(zip(report["layers"], ws, norms, strict=True), start=1):
+        assert set(e) == {"layer", "mean_norm", "mean_norm_theory", "mean_norm_rel_err", "weight_norm"} | {
+            "weight_norm_theory",
+            "weight_norm_rel_err",
+            "nc1",
+            "nc2_orth",
+        }
+        q, wq = [sol.t, *sol.q][l - 1], sol.weight_norms[l - 1]
+        wnorm = np.linalg.norm(w.astype(np.float64))
+        assert e["layer"] == l and e["mean_norm"] == pytest.approx(nrm.mean(), rel=1e-13)
+        assert e["weight_norm"] == pytest.approx(wnorm, rel=1e-13)
+        assert e["mean_norm_theory"] == pytest.approx(q, nan_ok=True, rel=0, abs=0)
+        assert e["weight_norm_theory"] == pytest.approx(wq, nan_ok=True, rel=0, abs=0)
+        unknown = q == 0 or math.isnan(q)
+        want_m = nrm.max() if unknown else np.abs(nrm - q).max() / q
+        want_w = wnorm if wq == 0 or math.isnan(wq) else abs(wnorm - wq) / wq
+        assert e["mean_norm_rel_err"] == pytest.approx(want_m, rel=1e-12)
+        assert e["weight_norm_rel_err"] == pytest.approx(want_w, rel=1e-12)
+        assert (e["nc2_orth"] is None) == (l == 1)
+
+
+def test_check_of_the_zero_solution():
+    cfg = DUFMConfig(num_classes=3, n_per_class=2, num_layers=3, width=4, lambda_h=0.2, lambda_w=0.2)
+    h, ws = T.optimal_parameters(cfg)
+    report = T.check(h, ws, cfg)
+    assert report["loss"] == report["dnc_loss"] == 0.5 and report["gap"] == 0.0
+    assert report["s"] == 0.0 and report["s_rel_err"] == 0.0 and report["h1_cos"] == [0.0, 0.0, 0.0]
+    for e in report["layers"]:
+        assert e["mean_norm"] == 0.0 and e["mean_norm_rel_err"] == 0.0 and e["weight_norm_rel_err"] == 0.0
+        assert e["nc2_orth"] is None  # no frame to measure
+
+
+def test_check_of_unbalanced_classes_has_no_theory():
+    cfg = DUFMConfig(num_classes=2, n_per_class=[3, 5], num_layers=2, width=4, lambda_h=1e-3, lambda_w=1e-3)
+    model = DUFM(cfg)
+    report = T.check(model.h1, list(model.weights), cfg)
+    for key in ("dnc_loss", "gap", "s_theory", "s_rel_err", "zero_threshold"):
+        assert report[key] is None
+    for e in report["layers"]:
+        assert e["mean_norm_theory"] is None and e["mean_norm_rel_err"] is None
+        assert e["weight_norm_theory"] is None and e["weight_norm_rel_err"] is None
+    fit, reg, s, _ = np_report(
+        model.h1.detach().numpy(), [w.detach().numpy() for w in model.weights], [3, 5], 1e-3, [1e-3] * 2
+    )
+    assert report["fit"] == pytest.approx(fit, rel=1e-13) and report["s"] == pytest.approx(s, rel=1e-13)
+    assert report["reg"] == pytest.approx(reg, rel=1e-13)
+
+
+def test_h1_cosines_of_small_means():
+    """Cosines are scale-free: class means of norm ~1e-3 give the same cosines as at norm 1."""
+    cfg = DUFMConfig(num_classes=3, n_per_class=2, num_layers=2, width=4, lambda_h=1e-3, lambda_w=1e-3)
+    model = DUFM(cfg)
+    h = model.h1.detach()
+    big = T.check(h, list(model.weights), cfg)["h1_cos"]
+    small = T.check(h * 1e-3, list(model.weights), cfg)["h1_cos"]
+    assert small == pytest.approx(big, rel=1e-12) and max(abs(v) for v in big) > 0.05

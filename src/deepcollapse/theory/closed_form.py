@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from deepcollapse._validate import DeepCollapseError, check_nonneg, check_positive_int, per_layer
-from deepcollapse.dufm.model import DUFMConfig, forward, labels_from_counts, objective
+from deepcollapse.dufm.model import DUFMConfig, forward, label_matrix, labels_from_counts, objective
 from deepcollapse.dufm.stopping import relative_gap
 from deepcollapse.measure import metrics as M
 
@@ -204,6 +204,9 @@ def zero_threshold(
     )
 
 
+_NOT_UNIQUE = "the optimal scales are not unique when some λ is 0; give every λ a positive value"
+
+
 def balanced_scales(
     *,
     num_classes: int,
@@ -213,20 +216,10 @@ def balanced_scales(
     lambda_w: float | Sequence[float],
 ) -> tuple[float, float, list[float]]:
     """``(s, t, [q_2, …, q_L])``: output scale, H1 class-mean norm, post-ReLU class-mean norms."""
-    L = num_layers
-    lw = _lambdas(L, lambda_h, lambda_w)
-    c = dnc_constant(L, n, lambda_h, lw)
-    s = _scale_from_c(check_positive_int("num_classes", num_classes, minimum=2), L, c)
-    if s == 0.0:
-        return 0.0, 0.0, [0.0] * (L - 1)
-    if c == 0.0:
-        raise DeepCollapseError("the optimal scales are not unique when some λ is 0; give every λ a positive value")
-    a = c * s ** (2 / (L + 1))  # the common value of the L+1 balanced terms
-    t = math.sqrt(a / (n * lambda_h))
-    q = [t * math.sqrt(a / lw[0])]
-    for lam in lw[1:-1]:
-        q.append(q[-1] * math.sqrt(a / lam))
-    return s, t, q[: L - 1]
+    sol = dnc_solution(num_classes=num_classes, num_layers=num_layers, n=n, lambda_h=lambda_h, lambda_w=lambda_w)
+    if sol.c == 0.0:
+        raise DeepCollapseError(_NOT_UNIQUE)
+    return sol.s, sol.t, sol.q
 
 
 @dataclass(frozen=True)
@@ -258,17 +251,25 @@ def dnc_solution(
     lambda_h: float,
     lambda_w: float | Sequence[float],
 ) -> DNCSolution:
-    """All closed-form quantities of the DNC optimum: loss, s, C, per-layer norms, threshold."""
-    K, L = num_classes, num_layers
+    """All closed-form quantities of the DNC optimum: loss, s, C, per-layer norms, threshold.
+
+    The L+1 balanced factors all equal ``a = C s^{2/(L+1)}``, so ``t = √(a/(n λ_H1))`` and each ``W_l`` has
+    K equal singular values ``q_{l+1}/q_l = √(a/λ_Wl)`` (``q_1 = t``, ``q_{L+1} = s``): ``||W_l||_F =
+    √K √(a/λ_Wl)``. All are 0 past the threshold (``s = 0``) and undetermined (nan) when some λ is 0.
+    """
+    K = check_positive_int("num_classes", num_classes, minimum=2)
+    L = check_positive_int("num_layers", num_layers)
     lw = _lambdas(L, lambda_h, lambda_w)
     c = dnc_constant(L, n, lambda_h, lw)
-    s = _scale_from_c(check_positive_int("num_classes", K, minimum=2), L, c)
+    s = _scale_from_c(K, L, c)
     if c == 0.0:
         t, q, wn = math.nan, [math.nan] * (L - 1), [math.nan] * L
     else:
-        s, t, q = balanced_scales(num_classes=K, num_layers=L, n=n, lambda_h=lambda_h, lambda_w=lw)
-        norms = [t, *q, s]  # input scale of W_l is norms[l-1], output scale norms[l]
-        wn = [0.0 if s == 0 else math.sqrt(K) * norms[i + 1] / norms[i] for i in range(L)]
+        a = c * s ** (2 / (L + 1))
+        t = math.sqrt(a / (n * lambda_h))
+        ratios = [math.sqrt(a / lam) for lam in lw]  # q_{l+1} / q_l
+        q = [t * math.prod(ratios[:i]) for i in range(1, L)]
+        wn = [math.sqrt(K) * r for r in ratios]
     return DNCSolution(
         num_classes=K,
         num_layers=L,
@@ -284,11 +285,11 @@ def dnc_solution(
 
 
 def _orthonormal(rows: int, cols: int, generator: torch.Generator | None) -> Tensor:
-    """A (rows x cols) matrix with orthonormal columns: identity-like, or random when a generator is given."""
+    """A (rows x cols) matrix with orthonormal columns: identity-like, or the Q factor of a standard normal
+    matrix drawn from ``generator`` when one is given."""
     if generator is None:
         return torch.eye(rows, cols, dtype=torch.float64)
-    q, r = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))[None, :]
+    return torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64)).Q
 
 
 def optimal_parameters(
@@ -333,23 +334,17 @@ def optimal_parameters(
         raise DeepCollapseError("h1='etf' needs a ReLU after H1 (L >= 2)")
     sol = dnc_solution(num_classes=K, num_layers=L, n=config.n, lambda_h=config.lambda_h, lambda_w=config.lambdas_w)
     if sol.c == 0.0:
-        raise DeepCollapseError("the optimal scales are not unique when some λ is 0; give every λ a positive value")
-    s, t, q = sol.s, sol.t, sol.q
+        raise DeepCollapseError(_NOT_UNIQUE)
     dims = [*widths, K]
-    if s == 0.0:
-        h = torch.zeros(dims[0], config.num_samples, dtype=torch.float64)
-        ws = [torch.zeros(o, i, dtype=torch.float64) for i, o in zip(dims[:-1], dims[1:], strict=True)]
-    else:
-        norms = [t, *q, s]
-        means, first = _h1_geometry(h1, K, dims[0], dims[1], generator)
-        means = means * t
-        ws = [first * (norms[1] / norms[0])]
-        for i in range(1, L):
-            p_k = torch.eye(dims[i + 1], K, dtype=torch.float64) @ torch.eye(K, dims[i], dtype=torch.float64)
-            ws.append(p_k * (norms[i + 1] / norms[i]))
-        h = means[:, labels_from_counts(config.counts)]
-    dev, dt = torch.device(config.device), config.torch_dtype
-    return h.to(device=dev, dtype=dt), [w.to(device=dev, dtype=dt) for w in ws]
+    ratios = [v / math.sqrt(K) for v in sol.weight_norms]  # q_{l+1} / q_l: all 0 for the zero solution
+    means, first = _h1_geometry(h1, K, dims[0], dims[1], generator)
+    ws = [first * ratios[0]]
+    for i in range(1, L):
+        p_k = torch.eye(dims[i + 1], K, dtype=torch.float64) @ torch.eye(K, dims[i], dtype=torch.float64)
+        ws.append(p_k * ratios[i])
+    h = (means * sol.t)[:, labels_from_counts(config.counts)]
+    h, *ws = (x.to(device=config.device, dtype=config.torch_dtype) for x in (h, *ws))
+    return h, ws
 
 
 def _h1_geometry(
@@ -361,8 +356,7 @@ def _h1_geometry(
     if kind == "antipodal":
         u = _orthonormal(d1, 1, generator)[:, 0]
         first = torch.zeros(d2, d1, dtype=torch.float64)
-        first[0] += u
-        first[1] -= u
+        first[0], first[1] = u, -u
         return torch.stack([u, -u], dim=1), first
     e1 = _orthonormal(d1, K, generator)
     if kind == "etf":
@@ -385,13 +379,12 @@ def check(h1: Tensor, weights: Sequence[Tensor], config: DUFMConfig) -> dict[str
     ``t`` or ``q_l``), ``||W_l||_F`` against the theory (``weight_norm_rel_err``), ``nc1``, and for
     ``l >= 2`` the orthogonal-frame distance ``nc2_orth`` (:func:`deepcollapse.metrics.nc2_orth`) of the
     post-ReLU class means. For unbalanced classes the theory's entries are ``None``. A relative error
-    against a predicted 0 (the zero solution) is the measured value itself.
+    against a predicted 0 (the zero solution) or an undetermined (nan) one is the measured value itself.
+    Computed in float64 on the CPU, whatever the parameters' dtype and device.
     """
     K, L = config.num_classes, config.num_layers
-    labels = labels_from_counts(config.counts, device=h1.device)
-    y = torch.nn.functional.one_hot(labels, K).T.to(torch.float64)
-    h1d = h1.detach().to(torch.float64)
-    wd = [w.detach().to(device=h1d.device, dtype=torch.float64) for w in weights]
+    labels, y = labels_from_counts(config.counts), label_matrix(config.counts)
+    h1d, *wd = (x.detach().to("cpu", torch.float64) for x in (h1, *weights))  # in float64, on the CPU
     with torch.no_grad():
         total, fit, reg = objective(h1d, wd, y, config.lambda_h, config.lambdas_w)
         _, post, out = forward(h1d, wd)
@@ -399,8 +392,8 @@ def check(h1: Tensor, weights: Sequence[Tensor], config: DUFMConfig) -> dict[str
     if config.balanced:
         sol = dnc_solution(num_classes=K, num_layers=L, n=config.n, lambda_h=config.lambda_h, lambda_w=config.lambdas_w)
     loss = float(total)
-    stats = [M.class_stats(f.T, labels, K) for f in (h1d, *post)]
-    s_meas = float(torch.diagonal(M.class_stats(out.T, labels, K, ncc=False).means).mean())
+    stats = [M.class_stats(f.T, labels) for f in (h1d, *post)]
+    s_meas = float(((out * y).sum(1) / y.sum(1)).mean())  # the mean of the class means' own output coordinate
     return {
         "loss": loss,
         "fit": float(fit),
@@ -409,18 +402,19 @@ def check(h1: Tensor, weights: Sequence[Tensor], config: DUFMConfig) -> dict[str
         "gap": None if sol is None else float(relative_gap(loss, sol.dnc_loss)),
         "s": s_meas,
         "s_theory": None if sol is None else sol.s,
-        "s_rel_err": None if sol is None else _rel_err(torch.tensor([s_meas], dtype=torch.float64), sol.s),
+        "s_rel_err": None if sol is None else _rel_err(s_meas, sol.s),
         "h1_cos": _pairwise_cosines(stats[0].means),
         "layers": [_layer_check(l, stats[l - 1], wd[l - 1], sol) for l in range(1, L + 1)],
         "zero_threshold": None if sol is None else sol.zero_threshold.to_dict(),
     }
 
 
-def _rel_err(measured: Tensor, predicted: float) -> float:
+def _rel_err(measured: Tensor | float, predicted: float) -> float:
     """``max |measured - predicted| / predicted`` (``max |measured|`` when ``predicted`` is 0 or nan)."""
+    m = torch.as_tensor(measured, dtype=torch.float64)
     if predicted == 0 or math.isnan(predicted):
-        return float(measured.abs().max())
-    return float(((measured - predicted).abs() / predicted).max())
+        return float(m.abs().max())
+    return float(((m - predicted).abs() / predicted).max())
 
 
 def _pairwise_cosines(means: Tensor) -> list[float]:
@@ -442,9 +436,7 @@ def _layer_check(layer: int, stats: M.ClassStats, weight: Tensor, sol: DNCSoluti
         "mean_norm_rel_err": None if q is None else _rel_err(norms, q),
         "weight_norm": wnorm,
         "weight_norm_theory": w_theory,
-        "weight_norm_rel_err": None
-        if w_theory is None
-        else _rel_err(torch.tensor([wnorm], dtype=torch.float64), w_theory),
+        "weight_norm_rel_err": None if w_theory is None else _rel_err(wnorm, w_theory),
         "nc1": M.nc1(stats),
         "nc2_orth": None if layer == 1 or mean_norm == 0.0 else M.nc2_orth(stats),
     }
