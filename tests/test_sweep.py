@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -213,8 +214,9 @@ HEADER = (
 
 
 def test_the_table_and_sweep_json_hold_exactly_the_runs(tmp_path):
-    starts = []
+    starts, clock = [], time.perf_counter()
     summary = run_sweep(TINY, tmp_path, threads=1, plot=False, on_start=lambda *a: starts.append(a))
+    assert 0 < summary["seconds"] < time.perf_counter() - clock  # the wall time of the runs
     digest = spec_hash(TINY)
     assert {k: v for k, v in summary.items() if k != "seconds"} == {
         "out": str(tmp_path / "results.csv"),
@@ -268,13 +270,25 @@ def test_overwrite_replaces_and_resume_starts_a_new_table(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_threads_are_set_for_the_run_and_restored(tmp_path, monkeypatch):
+@pytest.fixture
+def thread_knob(monkeypatch):
+    """torch's intra-op thread count as a plain number, so the sweep's settings are seen without starting a
+    thread pool (one started here hangs forked test runners, such as mutmut's, and crowds a 2-core CI)."""
+    state = {"n": torch.get_num_threads()}
+    monkeypatch.setattr(torch, "get_num_threads", lambda: state["n"])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: state.update(n=n))
+    return state
+
+
+def test_threads_are_set_for_the_run_and_restored(tmp_path, monkeypatch, thread_knob):
     before = torch.get_num_threads()
     seen = []
     run_sweep(TINY, tmp_path / "a", threads=3, plot=False, on_row=lambda r: seen.append(torch.get_num_threads()))
     monkeypatch.setattr(os, "cpu_count", lambda: 5)
     run_sweep(TINY, tmp_path / "b", plot=False, on_row=lambda r: seen.append(torch.get_num_threads()))
-    assert seen == [3, 3, 5, 5] and torch.get_num_threads() == before
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # unknown: one thread
+    run_sweep(TINY, tmp_path / "c", plot=False, on_row=lambda r: seen.append(torch.get_num_threads()))
+    assert seen == [3, 3, 5, 5, 1, 1] and torch.get_num_threads() == before
 
 
 def test_batches_hold_one_shape_and_at_most_batch_size_configurations(tmp_path, monkeypatch):
@@ -334,7 +348,7 @@ def test_the_ray_backend_sends_batches_as_tasks_and_writes_their_rows(tmp_path, 
     assert _strip(read_results(tmp_path / "ray")) == _strip(read_results(tmp_path / "local"))
 
 
-def test_ray_tasks_analyse_and_use_the_threads_asked_for(tmp_path, monkeypatch):
+def test_ray_tasks_analyse_and_use_the_threads_asked_for(tmp_path, monkeypatch, thread_knob):
     from test_sweep_spec import FakeRay
 
     fake = FakeRay(cpus=1)

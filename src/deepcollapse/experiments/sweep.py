@@ -337,8 +337,7 @@ def _probe(address: str | None, *, timeout: float = 3.0) -> None:
     """Fail fast (one TCP connect) when an explicit ``host:port`` cannot be reached; Ray itself retries for long."""
     if not address or address in ("auto", "local"):
         return
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
+    host, _, port = address.removeprefix("ray://").rpartition(":")  # IPv6: the last colon
     if not host or not port.isdigit():
         raise DeepCollapseError(f"ray_address must be host:port or ray://host:port, got {address!r}")
     import socket
@@ -378,8 +377,8 @@ def repair_table(path: str | Path) -> bool:
     data = path.read_bytes()
     if not data:
         return False
-    keep = data if data.endswith(b"\n") else data[: data.rfind(b"\n") + 1]
-    lines = keep.decode("utf-8").splitlines()
+    keep = data[: data.rfind(b"\n") + 1]  # up to the last newline
+    lines = keep.decode().splitlines()
     if lines and len(next(csv.reader([lines[-1]]))) != len(next(csv.reader([lines[0]]))):
         keep = keep[: keep.rstrip(b"\n").rfind(b"\n") + 1]
     if keep == data:
