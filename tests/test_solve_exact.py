@@ -300,14 +300,20 @@ def _hand_optimizer(opt: str, lr: float, steps: int, **kw) -> DUFM:
     return model
 
 
-@pytest.mark.parametrize("opt, kw", [("nesterov", dict(momentum=0.7)), ("adam", {})])
-def test_nesterov_and_adam_match_the_hand_written_updates(opt, kw):
+# (both runs have a step that raises the loss: it must not reset the optimizer's state)
+@pytest.mark.parametrize("opt, lr, kw", [("nesterov", 0.5, dict(momentum=0.9)), ("adam", 0.2, {})])
+def test_nesterov_and_adam_match_the_hand_written_updates(opt, lr, kw):
     model = DUFM(CFG)
-    res = solve(model, SolverConfig(optimizer=opt, lr=0.05, max_steps=6, tol_grad=0, tol_rel=0, metrics=False, **kw))
-    ref = _hand_optimizer(opt, 0.05, 6, **kw)
+    scfg = SolverConfig(
+        optimizer=opt, lr=lr, max_steps=10, tol_grad=0, tol_rel=0, history_points=50, metrics=False, **kw
+    )
+    res = solve(model, scfg)
+    losses = [r["loss"] for r in res.history]
+    assert any(b > a for a, b in zip(losses, losses[1:], strict=False))
+    ref = _hand_optimizer(opt, lr, 10, **kw)
     for a, b in zip(params(model), params(ref), strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
-    assert res.evaluations == 7
+    assert res.evaluations == 11
 
 
 LBFGS_CFG = DUFMConfig(num_classes=2, n_per_class=3, num_layers=3, width=4, lambda_h=0.01, lambda_w=0.01, seed=3)
@@ -350,15 +356,28 @@ def _reference_lbfgs(cfg: DUFMConfig, steps: int, *, lr: float, iters: int, memo
     return model, count[0] + steps + 1
 
 
-def test_lbfgs_is_torch_lbfgs_on_the_scaled_objective_with_restarts():
-    # seed 3: two inner iterations stall at a ReLU kink from step 4 on, so the restarts matter
-    kw = dict(lr=0.8, iters=3, memory=2, scale=1e3)
-    model = DUFM(LBFGS_CFG)
+@pytest.mark.parametrize(
+    "seed, kw",
+    [
+        (3, dict(lr=0.8, iters=3, memory=2, scale=1e3)),  # a short memory, another scale
+        (5, dict(lr=0.8, iters=3, memory=50, scale=1e4)),  # step 3 leaves the loss unchanged (a kink): a restart
+    ],
+)
+def test_lbfgs_is_torch_lbfgs_on_the_scaled_objective_with_restarts(seed, kw):
+    cfg = DUFMConfig(**{**LBFGS_CFG.to_dict(), "seed": seed})
+    model = DUFM(cfg)
     scfg = SolverConfig(
-        lr=0.8, lbfgs_iters=3, lbfgs_history=2, lbfgs_scale=1e3, max_steps=8, tol_grad=0, tol_rel=0, metrics=False
+        lr=kw["lr"],
+        lbfgs_iters=kw["iters"],
+        lbfgs_history=kw["memory"],
+        lbfgs_scale=kw["scale"],
+        max_steps=10,
+        tol_grad=0,
+        tol_rel=0,
+        metrics=False,
     )
     res = solve(model, scfg)
-    ref, evaluations = _reference_lbfgs(LBFGS_CFG, 8, **kw)
+    ref, evaluations = _reference_lbfgs(cfg, 10, **kw)
     for a, b in zip(params(model), params(ref), strict=True):
         assert torch.equal(a, b)
     assert res.evaluations == evaluations
@@ -387,18 +406,23 @@ def test_divergence_raises_with_the_run_so_far(tmp_path):
 # ---------------------------------------------------------------------------------------------- threads
 
 
-def test_small_problems_run_on_one_thread_and_restore_it():
+def test_small_problems_run_on_one_thread_and_restore_it(monkeypatch):
+    # CFG has 24 + 16 + 12 = 52 parameters: small below SMALL_PROBLEM = 53, not at SMALL_PROBLEM = 52.
+    # (The rule is tested at a lowered threshold: a problem big enough to use threads would start a thread
+    # pool in this process, which breaks the forked runners of mutation testing.)
     before = torch.get_num_threads()
     torch.set_num_threads(3)
+    seen: list[int] = []
+
+    def record(row):
+        seen.append(torch.get_num_threads())
+
     try:
-        seen: list[int] = []
-        solve(DUFM(CFG), gd_config(max_steps=1, metrics=False), callback=lambda r: seen.append(torch.get_num_threads()))
-        assert seen == [1, 1] and torch.get_num_threads() == 3
-        # exactly SMALL_PROBLEM = 200_000 parameters (1000 x 198 features + 2 x 1000 weights): not small
-        big = DUFMConfig(num_classes=2, n_per_class=99, num_layers=1, width=1000, seed=0)
-        seen.clear()
-        solve(DUFM(big), gd_config(max_steps=1, metrics=False), callback=lambda r: seen.append(torch.get_num_threads()))
-        assert seen == [3, 3] and torch.get_num_threads() == 3
+        for threshold, threads in [(53, 1), (52, 3)]:
+            monkeypatch.setattr(S, "SMALL_PROBLEM", threshold)
+            seen.clear()
+            solve(DUFM(CFG), gd_config(max_steps=1, metrics=False), callback=record)
+            assert seen == [threads, threads] and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
 
@@ -588,6 +612,12 @@ def test_checkpoint_from_another_configuration_names_the_differences(saved):
 def test_checkpoint_with_other_solver_settings_is_refused(saved, kw, name):
     with pytest.raises(DeepCollapseError, match=rf"\(differs in: {name}\)$"):
         load_checkpoint(saved, CFG, gd_config(**kw))
+
+
+def test_a_foreign_torch_file_is_refused(tmp_path):
+    torch.save({"weight": torch.ones(2)}, tmp_path / "model.pt")
+    with pytest.raises(DeepCollapseError, match=r"different configuration \(differs in: "):
+        load_checkpoint(tmp_path / "model.pt", CFG, gd_config())
 
 
 def test_checkpoint_from_another_version_is_refused(saved, tmp_path):
