@@ -114,6 +114,34 @@ def test_each_function_under_each_weighting(case, weighting: str) -> None:
     np.testing.assert_allclose(spec, np.linalg.svd(mbar, compute_uv=False), rtol=1e-12, atol=1e-13 * spec[0])
 
 
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_rank_centred_of_each_weighting(case, weighting: str) -> None:
+    """The two weightings' centred means have σ_3/σ_1 = 0.0034 (samples) and 0.005 (classes): a rank_rtol
+    between them gives rank_centred 2 and 3."""
+    h, y, _, stats = case
+    ratio = {wt: scales(h, y, wt)[0][2] / scales(h, y, wt)[0][0] for wt in WEIGHTINGS}
+    assert ratio["classes"] > 1.3 * ratio["samples"]
+    rank_rtol = math.sqrt(ratio["samples"] * ratio["classes"])
+    r = ref(h, y, weighting=weighting, rank_rtol=rank_rtol)
+    assert r["rank_centred"] == (2 if weighting == "samples" else 3)
+    assert M.dnc_metrics(stats, weighting=weighting, rank_rtol=rank_rtol)["rank_centred"] == r["rank_centred"]
+
+
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+def test_gram_path_with_statistics_about_the_origin(weighting: str) -> None:
+    """``means_sigma_w`` about any reference point (here the origin, ``centre=None``, with the data far from
+    it) gives NC1 under either weighting: ``M̄ Σ_W M̄ᵀ = A (M Σ_W Mᵀ) Aᵀ`` with ``A = I - 1wᵀ``."""
+    h, y = planted(12, offset=20.0)
+    hn, yn = h.numpy(), y.numpy()
+    means = np.stack([hn[yn == c].mean(0) for c in range(K)])
+    e = hn - means[yn]
+    sw = e.T @ e / len(hn)
+    var = np.array([(e[yn == c] ** 2).sum(1).mean() for c in range(K)])
+    t = torch.from_numpy
+    stats = M.ClassStats(t(np.bincount(yn)), t(means), t(var), t(means @ sw @ means.T))
+    assert M.nc1(stats, weighting=weighting) == pytest.approx(ref(h, y, weighting=weighting)["nc1"], rel=1e-8)
+
+
 def test_defaults_are_sample_weighting_and_centred(case) -> None:
     h, y, w, stats = case
     r = ref(h, y, weight=w.numpy())
@@ -418,6 +446,9 @@ def test_nc3_by_hand() -> None:
         assert math.isnan(value)
     assert M.nc3_span(w, zero) == 1.0  # zero means span nothing: none of W lies in their span
     assert M.nc3_span(w.float(), means) == pytest.approx(math.sqrt(0.75), rel=1e-15)  # a float32 weight
+    for scale in (1e-200, 1e200):  # scale-free where ||W||_F itself under- or overflows
+        assert M.nc3_duality(scale * w, scale * means) == pytest.approx(math.sqrt(2.0), rel=1e-15)
+        assert M.nc3_span(scale * w, means) == pytest.approx(math.sqrt(0.75), rel=1e-15)
 
 
 def test_weight_and_means_errors_whole() -> None:

@@ -371,9 +371,10 @@ def nc2_orth(means: Tensor | ClassStats, *, tile_bytes: int = DEFAULT_TILE_BYTES
 
 
 def nc2_equinorm(stats: ClassStats, *, weighting: Weighting = "samples") -> float:
-    """Equinorm (Papyan): ``std_c ||μ_c - μ_G|| / mean_c ||μ_c - μ_G||`` (population std)."""
+    """Equinorm (Papyan): ``std_c ||μ_c - μ_G|| / mean_c ||μ_c - μ_G||`` (population std; nan when the means
+    coincide)."""
     norms = centred_means(stats, weighting=weighting).norm(dim=1)
-    return float(norms.std(unbiased=False) / norms.mean()) if norms.mean() > 0 else math.nan
+    return float(norms.std(unbiased=False) / norms.mean())
 
 
 def nc2_equiangle(
@@ -425,6 +426,12 @@ def _weight(weight: Tensor, like: Tensor, rows: int | None = None) -> Tensor:
     return weight.detach().to(like)
 
 
+def _unit(x: Tensor) -> Tensor:
+    """``X/||X||_F``, scaled by ``max|X|`` first so that the norm neither under- nor overflows (nan for X = 0)."""
+    x = x / x.abs().max()
+    return x / torch.linalg.matrix_norm(x)
+
+
 def nc3_duality(
     weight: Tensor, means: Tensor | ClassStats, *, center: bool = True, weighting: Weighting = "samples"
 ) -> float:
@@ -433,10 +440,7 @@ def nc3_duality(
     stats = _as_stats(means)
     m = centred_means(stats, weighting=weighting) if center else stats.means
     w = _weight(weight, m, stats.num_classes)
-    wn, mn = torch.linalg.matrix_norm(w), torch.linalg.matrix_norm(m)
-    if wn == 0 or mn == 0:
-        return math.nan
-    return float(torch.linalg.matrix_norm(w / wn - m / mn))
+    return float(torch.linalg.matrix_norm(_unit(w) - _unit(m)))
 
 
 def nc3_zhu(
@@ -466,13 +470,10 @@ def nc3_span(weight: Tensor, means: Tensor | ClassStats, *, rtol: float | None =
     """DUFM per-layer alignment: ``||W (I - P_M)||_F / ||W||_F``, ``P_M`` the projector onto the span of the
     uncentred class means of W's *input* (singular values above the precision cutoff)."""
     stats = _as_stats(means)
-    w = _weight(weight, stats.means)
-    wn = torch.linalg.matrix_norm(w)
-    if wn == 0:
-        return math.nan
+    w = _unit(_weight(weight, stats.means))
     _, s, vh = torch.linalg.svd(stats.means, full_matrices=False)
     v = vh[_above(s, singular_cutoff(stats, weighting=None, rtol=rtol))]
-    return float(torch.linalg.matrix_norm(w - (w @ v.T) @ v) / wn)
+    return float(torch.linalg.matrix_norm(w - (w @ v.T) @ v))
 
 
 # -------------------------------------------------------------------------------------- NC4 and NCC
