@@ -408,23 +408,17 @@ def test_divergence_raises_with_the_run_so_far(tmp_path):
 
 def test_small_problems_run_on_one_thread_and_restore_it(monkeypatch):
     # CFG has 24 + 16 + 12 = 52 parameters: small below SMALL_PROBLEM = 53, not at SMALL_PROBLEM = 52.
-    # (The rule is tested at a lowered threshold: a problem big enough to use threads would start a thread
-    # pool in this process, which breaks the forked runners of mutation testing.)
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
+    # torch's thread setting is replaced by a plain variable: a real pool of several threads started in this
+    # process would hang the forked runners of mutation testing.
+    threads = {"now": 3}
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads["now"])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: threads.update(now=n))
     seen: list[int] = []
-
-    def record(row):
-        seen.append(torch.get_num_threads())
-
-    try:
-        for threshold, threads in [(53, 1), (52, 3)]:
-            monkeypatch.setattr(S, "SMALL_PROBLEM", threshold)
-            seen.clear()
-            solve(DUFM(CFG), gd_config(max_steps=1, metrics=False), callback=record)
-            assert seen == [threads, threads] and torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(before)
+    for threshold, during in [(53, 1), (52, 3)]:
+        monkeypatch.setattr(S, "SMALL_PROBLEM", threshold)
+        seen.clear()
+        solve(DUFM(CFG), gd_config(max_steps=1, metrics=False), callback=lambda r: seen.append(threads["now"]))
+        assert seen == [during, during] and threads["now"] == 3
 
 
 # ---------------------------------------------------------------------------------------------- progress bar
