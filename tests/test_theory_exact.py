@@ -45,7 +45,7 @@ def test_optimal_scale_is_the_global_minimizer_of_f(L):
         assert (s == 0.0) == (frac >= 1)
 
 
-@pytest.mark.parametrize("L", [1, 2, 3, 5, 9])
+@pytest.mark.parametrize("L", [1, 2, 3, 5, 9, 10])
 def test_optimal_scale_at_the_threshold(L):
     """At the threshold both s^* and 0 reach f = 1/2: zero is returned there (as ``zero_is_optimal`` says);
     one float below it, the non-zero optimum s^* = (L-1)/L."""
@@ -55,6 +55,7 @@ def test_optimal_scale_at_the_threshold(L):
     below = math.nextafter(kc_star, 0.0)
     s = T.optimal_scale(below, L)
     assert s == pytest.approx((L - 1) / L, rel=1e-12, abs=1e-12)
+    assert s >= (L - 1) / L  # below the threshold the root lies above s^*, so its rounding cannot fall below
     if L > 1:
         assert T.dnc_objective(s, num_classes=1, num_layers=L, c=below) == pytest.approx(0.5, rel=1e-14)
 
@@ -272,6 +273,10 @@ def test_closed_form_input_errors(fn):
         fn(**{**kw, "lambda_h": -0.01})
     with pytest.raises(DeepCollapseError, match=r"^n must be >= 1, got 0$"):
         fn(**{**kw, "n": 0})
+    with pytest.raises(DeepCollapseError, match=r"^num_layers must be >= 1, got 0$"):
+        fn(**{**kw, "num_layers": 0})
+    with pytest.raises(DeepCollapseError, match=r"^num_layers must be an integer, got 2.5$"):
+        fn(**{**kw, "num_layers": 2.5})
 
 
 def test_scales_at_c_exactly_one_past_the_threshold():
@@ -499,3 +504,14 @@ def test_h1_cosines_of_small_means():
     big = T.check(h, list(model.weights), cfg)["h1_cos"]
     small = T.check(h * 1e-3, list(model.weights), cfg)["h1_cos"]
     assert small == pytest.approx(big, rel=1e-12) and max(abs(v) for v in big) > 0.05
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_parameters_and_check():
+    """Parameters on the GPU; ``check`` of GPU tensors equals ``check`` of their CPU copies."""
+    kw = dict(num_classes=3, n_per_class=4, num_layers=3, width=5, lambda_h=2e-3, lambda_w=2e-3)
+    h, ws = T.optimal_parameters(DUFMConfig(device="cuda", **kw), h1="etf")
+    assert h.is_cuda and all(w.is_cuda for w in ws)
+    cfg = DUFMConfig(**kw)
+    assert T.check(h, ws, cfg) == T.check(h.cpu(), [w.cpu() for w in ws], cfg)

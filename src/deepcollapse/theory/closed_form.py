@@ -238,9 +238,7 @@ class DNCSolution:
     zero_threshold: ZeroThreshold
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["zero_threshold"] = self.zero_threshold.to_dict()
-        return d
+        return asdict(self)  # recursive: zero_threshold becomes a dict too
 
 
 def dnc_solution(
@@ -257,8 +255,8 @@ def dnc_solution(
     K equal singular values ``q_{l+1}/q_l = √(a/λ_Wl)`` (``q_1 = t``, ``q_{L+1} = s``): ``||W_l||_F =
     √K √(a/λ_Wl)``. All are 0 past the threshold (``s = 0``) and undetermined (nan) when some λ is 0.
     """
-    K = check_positive_int("num_classes", num_classes, minimum=2)
-    L = check_positive_int("num_layers", num_layers)
+    zt = zero_threshold(num_classes=num_classes, num_layers=num_layers, n=n, lambda_h=lambda_h, lambda_w=lambda_w)
+    K, L = int(num_classes), int(num_layers)  # checked by zero_threshold
     lw = _lambdas(L, lambda_h, lambda_w)
     c = dnc_constant(L, n, lambda_h, lw)
     s = _scale_from_c(K, L, c)
@@ -280,7 +278,7 @@ def dnc_solution(
         t=t,
         q=q,
         weight_norms=wn,
-        zero_threshold=zero_threshold(num_classes=K, num_layers=L, n=n, lambda_h=lambda_h, lambda_w=lw),
+        zero_threshold=zt,
     )
 
 
@@ -354,7 +352,7 @@ def _h1_geometry(
     ``W_1 M`` has the ReLU image ``[e_1..e_K]`` (see :func:`optimal_parameters`)."""
     K = num_classes
     if kind == "antipodal":
-        u = _orthonormal(d1, 1, generator)[:, 0]
+        u = _orthonormal(d1, 1, generator).flatten()
         first = torch.zeros(d2, d1, dtype=torch.float64)
         first[0], first[1] = u, -u
         return torch.stack([u, -u], dim=1), first
