@@ -188,7 +188,7 @@ def test_raw_float32_means_take_the_float32_cutoff() -> None:
     rng = np.random.default_rng(4)
     basis, _ = np.linalg.qr(rng.normal(size=(D, D)))
     coef = rng.normal(size=(K, 2))
-    means = torch.from_numpy(coef @ basis[:2] + 0.0).float()  # rounds off the rank-2 span by ~1e-8
+    means = torch.from_numpy(coef @ basis[:2]).float()  # rounds off the rank-2 span by ~1e-8
     s = np.linalg.svd(means.double().numpy(), compute_uv=False)
     assert 1e-12 < s[2] < 1e-6  # rounding left directions the float64 cutoff would keep
     inside = torch.from_numpy(rng.normal(size=(3, 2)) @ basis[:2])
@@ -462,7 +462,7 @@ def test_weight_and_means_errors_whole() -> None:
         M.nc3_duality(torch.zeros(3, D), stats)
     with pytest.raises(DeepCollapseError, match=full_match("weight must have K = 4 rows (one per class), got 3")):
         M.nc3_zhu(torch.zeros(3, D), stats)
-    for bad, shown in (([[1.0, 2.0]], "list"), (torch.ones(3), "Tensor")):
+    for bad, shown in (([[1.0, 2.0]], "list"), (torch.ones(3), "(3,)")):
         with pytest.raises(
             DeepCollapseError, match=full_match(f"means must be a ClassStats or a (K, D) tensor, got {shown}")
         ):

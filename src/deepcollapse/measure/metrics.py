@@ -168,7 +168,8 @@ def _as_stats(means: Tensor | ClassStats) -> ClassStats:
     if isinstance(means, ClassStats):
         return means
     if not isinstance(means, Tensor) or means.dim() != 2:
-        raise DeepCollapseError(f"means must be a ClassStats or a (K, D) tensor, got {type(means).__name__}")
+        got = tuple(means.shape) if isinstance(means, Tensor) else type(means).__name__
+        raise DeepCollapseError(f"means must be a ClassStats or a (K, D) tensor, got {got}")
     m = means.detach().to(F64)
     k = m.shape[0]
     return ClassStats(m.new_ones(k).long(), m, m.new_zeros(k), None, eps=dtype_eps(means.dtype))
