@@ -515,3 +515,11 @@ def test_cuda_parameters_and_check():
     assert h.is_cuda and all(w.is_cuda for w in ws)
     cfg = DUFMConfig(**kw)
     assert T.check(h, ws, cfg) == T.check(h.cpu(), [w.cpu() for w in ws], cfg)
+
+
+def test_optimal_scale_returns_an_exact_root_exactly():
+    """Where ``(1-s) s^{(L-1)/(L+1)} = kc`` has a float root whose powers are exact, that root comes back:
+    L = 3, s = 49/64: (15/64)(7/8) = 105/512; L = 7, s = (31/32)^4: (1 - s)(31/32)^3. Both above s^*."""
+    assert T.optimal_scale(105 / 512, 3) == 49 / 64
+    s7 = (31 / 32) ** 4
+    assert T.optimal_scale((1 - s7) * (31 / 32) ** 3, 7) == s7

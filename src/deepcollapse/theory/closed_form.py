@@ -94,7 +94,8 @@ def optimal_scale(kc: float, num_layers: int) -> float:
     ``kc = K·C`` for DNC; other constructions with the same balanced form (the low-rank SRG family) pass
     their own constant. 0 from the threshold ``kc >= (K C)^*`` on (at it, ``f(s^*) = f(0) = ½`` and the zero
     solution is returned); below it, the root of ``(1-s) s^{(L-1)/(L+1)} = kc`` in ``(s^*, 1]``, where the
-    left side falls from ``(K C)^*`` to 0: ``1 - kc`` for L = 1, by bisection to the last bit for L >= 2.
+    left side falls from ``(K C)^*`` to 0: ``1 - kc`` for L = 1; for L >= 2 bisection to the last bit, down to the
+    first float at which the left side is ``<= kc`` (an exact float root is returned exactly).
     """
     L = check_positive_int("num_layers", num_layers)
     kc = check_nonneg("kc", kc)
@@ -107,7 +108,7 @@ def optimal_scale(kc: float, num_layers: int) -> float:
     while True:
         mid = 0.5 * (lo + hi)
         if not lo < mid < hi:
-            return mid
+            return hi  # the first float at which (1-s) s^e <= kc
         if (1 - mid) * mid**e > kc:
             lo = mid
         else:
