@@ -14,6 +14,7 @@ import sys
 import types
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,7 +33,8 @@ from deepcollapse.experiments.sweep import (
     sweep_figure,
     validate_spec,
 )
-from dufm_reference import np_dufm_loss
+from dufm_reference import np_dnc_loss, np_dufm_loss
+from reference import np_dnc
 
 FIXED = {"num_classes": 4, "n_per_class": 2, "num_layers": 3, "width": 5, "max_steps": 150, "lr": 0.3}
 SPEC = {"grid": {"seed": [0, 1, 2], "lambda": [0.003, 0.005]}, "fixed": FIXED}
@@ -291,6 +293,10 @@ def test_diverged_is_a_non_finite_end_or_a_loss_above_ten_times_the_initial_one(
     with torch.no_grad():
         h1, ws = model.h1.numpy(), [w.numpy() for w in model.weights]
     initial = np_dufm_loss(h1, ws, cfg.counts, cfg.lambda_h, cfg.lambda_w)
+    with torch.no_grad():
+        exact = float(model.loss()[0])  # the library's float of the same loss: the boundary itself
+    assert exact == pytest.approx(initial, rel=1e-12)
+    assert not diverged(_result(cfg, loss=10.0 * exact))  # "above" ten times: equal is not diverged
     assert not diverged(_result(cfg, loss=10 * initial * (1 - 1e-9)))
     assert diverged(_result(cfg, loss=10 * initial * (1 + 1e-9)))
     assert not diverged(_result(cfg, loss=10 * initial * (1 - 1e-9), grad_norm=1e30))
@@ -320,8 +326,37 @@ def test_a_result_row_records_the_run_and_marks_divergence():
     assert (huge["stop_reason"], huge["verdict"]) == ("diverged", "diverged")
     full = sweep.result_row(item, res)
     assert set(full) == set(sweep.COLUMNS)
+    assert full["dnc_loss"] == pytest.approx(np_dnc_loss(4, 3, 2, 0.004), rel=1e-6)
+    cfg = item["config"]
+    loss = np_dufm_loss(res.h1, res.weights, cfg.counts, cfg.lambda_h, cfg.lambda_w)  # of the parameters
+    assert full["ratio_dnc"] == pytest.approx(loss / full["dnc_loss"], rel=1e-10)
+    assert full["rank_pre_last"] == full["rank_pre"][-1] and full["rank_out"] in range(1, 5)
     assert [len(full[m]) for m in sweep.NC_METRICS] == [3, 3, 3]  # H_1, H_2, H_3
     assert (len(full["rank_pre"]), len(full["rank_post"])) == (2, 3) and full["verdict"] is not None
+
+
+def test_a_row_of_an_srg_setting_has_the_srg_loss():
+    """K = 3 = C(3, 2), L = 2, widths >= 3: the low-rank construction applies; its loss and ratio are recorded."""
+    (item,) = expand_spec({"fixed": {"num_classes": 3, "n_per_class": 1, "num_layers": 2, "width": 3}})
+    res, cfg = _result(item["config"]), item["config"]
+    row = sweep.result_row(item, res)
+    loss = np_dufm_loss(res.h1, res.weights, cfg.counts, cfg.lambda_h, cfg.lambda_w)
+    assert row["srg_loss"] > 0 and row["ratio_srg"] == pytest.approx(loss / row["srg_loss"], rel=1e-10)
+
+
+def test_per_layer_nc_of_float32_runs_are_computed_in_float64():
+    """NC1/NC2 of H_1 and the post-ReLU H_l against the float64 numpy reference on the run's float32 values."""
+    cfg = DUFMConfig(num_classes=3, n_per_class=[2, 1, 3], num_layers=3, width=[5, 4, 6], dtype="float32", seed=4)
+    res = _result(cfg)
+    assert res.h1.dtype == torch.float32
+    labels = np.repeat(np.arange(3), [2, 1, 3])
+    feats = [res.h1.double().numpy()]
+    for w in res.weights[:-1]:
+        feats.append(np.maximum(w.double().numpy() @ feats[-1], 0.0))
+    want = [np_dnc(f.T, labels, 3) for f in feats]
+    got = sweep.nc_by_layer(res)
+    for name in sweep.NC_METRICS:
+        np.testing.assert_allclose(got[name], [m[name] for m in want], rtol=1e-10)
 
 
 # ---------------------------------------------------------------- reading a table
@@ -337,7 +372,8 @@ def test_read_results_orders_by_index_and_parses_list_cells(tmp_path):
     assert [r["index"] for r in rows] == [0, 1, 2] and [r["key"] for r in rows] == ["0b1", "1e5", "0a2"]
     assert (rows[0]["rank_pre"], rows[0]["nc1"], rows[0]["verdict"]) == (None, None, None)
     assert rows[1]["rank_pre"] == [3] and rows[1]["nc1"] == [-math.inf, 1e-300]
-    assert rows[2]["rank_pre"] == [1, 2] and rows[2]["nc1"][0] == 0.5 and math.isnan(rows[2]["nc1"][1])
+    assert rows[2]["rank_pre"] == [1, 2] and all(type(v) is int for v in rows[2]["rank_pre"])
+    assert rows[2]["nc1"][0] == 0.5 and math.isnan(rows[2]["nc1"][1])
     assert rows[2]["nc1"][2] == math.inf and all(type(v) is float for v in rows[2]["nc1"])
     assert repr(read_results(tmp_path / "results.csv")) == repr(rows)  # nan != nan: compare the text
 
@@ -490,10 +526,10 @@ ROWS = [
 
 
 def test_sweep_figure_counts_verdicts_and_plots_each_finite_ratio():
-    import matplotlib.pyplot as plt
 
     fig = sweep_figure(ROWS)
     left, right = fig.axes
+    assert left.get_position().x1 < right.get_position().x0  # side by side
     assert [t.get_text() for t in left.get_xticklabels()] == ["-", "diverged", "dnc", "other"]
     assert [p.get_height() for p in left.patches] == [1, 1, 4, 3]
     assert (left.get_title(), left.get_ylabel()) == ("9 configurations", "runs")
@@ -503,10 +539,8 @@ def test_sweep_figure_counts_verdicts_and_plots_each_finite_ratio():
     (line,) = right.lines
     assert list(line.get_ydata()) == [1.0, 1.0] and right.get_yscale() == "log"
     assert (right.get_xlabel(), right.get_ylabel()) == ("configuration index", "loss / L_DNC")
-    plt.close(fig)
     fig = sweep_figure([{"index": 0, "verdict": "diverged", "ratio_dnc": None}])
     assert len(fig.axes[1].collections) == 0 and fig.axes[1].get_legend() is None
-    plt.close(fig)
 
 
 def test_plot_sweep_writes_a_png_and_closes_its_figure(tmp_path):

@@ -510,10 +510,11 @@ def _verdict(row: Mapping[str, Any]) -> str:
 def sweep_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
     """The sweep at a glance (a matplotlib Figure): runs per verdict (left) and ``loss / L_DNC`` of every run
     against its configuration index, one series per verdict, with the line ``loss = L_DNC`` (right)."""
-    from deepcollapse.plots import _plt
+    from matplotlib.figure import Figure  # not pyplot: no global figure to close
 
     verdicts = sorted({_verdict(r) for r in rows})
-    fig, (left, right) = _plt().subplots(1, 2, figsize=(9, 3.6))
+    fig = Figure(figsize=(9, 3.6))
+    left, right = fig.subplots(1, 2)
     left.bar(verdicts, [sum(_verdict(r) == v for r in rows) for v in verdicts])
     left.set_ylabel("runs")
     left.set_title(f"{len(rows)} configurations", fontsize=9)
@@ -534,11 +535,7 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
 
 def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """:func:`sweep_figure` saved as a PNG of 810 x 324 pixels at ``path`` (parent directories created)."""
-    from deepcollapse.plots import _plt
-
-    fig = sweep_figure(rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    _plt().close(fig)
+    sweep_figure(rows).savefig(path, dpi=90)
     return path
