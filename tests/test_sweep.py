@@ -75,9 +75,13 @@ def test_impossible_values_fail_before_running(tmp_path, override, match):
     assert not (tmp_path / "s" / "results.csv").exists()
 
 
+RESUME = {**SPEC, "analysis": False}  # the analysis columns are tested elsewhere
+
+
 def test_killed_and_resumed_equals_uninterrupted(tmp_path):
+    """A sweep killed after three rows and resumed writes the rows of an uninterrupted one."""
     full = tmp_path / "full"
-    summary = run_sweep(SPEC, full, threads=1, plot=False)
+    summary = run_sweep(RESUME, full, threads=1, plot=False)
     assert summary["ran"] == 6
     ref = read_results(full)
     assert [r["index"] for r in ref] == list(range(6)) and all(r["steps"] == 150 for r in ref)
@@ -90,19 +94,19 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(SPEC, part, threads=1, on_row=kill_after_three)
+        run_sweep(RESUME, part, threads=1, on_row=kill_after_three)
     assert len(read_results(part)) == 3
     with pytest.raises(DeepCollapseError, match="already holds a run"):
-        run_sweep(SPEC, part)
-    summary = run_sweep(SPEC, part, resume=True, threads=1)
+        run_sweep(RESUME, part)
+    summary = run_sweep(RESUME, part, resume=True, threads=1)
     assert (summary["skipped"], summary["ran"]) == (3, 3)
     assert _strip(read_results(part)) == _strip(ref)
-    assert run_sweep(SPEC, part, resume=True, plot=False)["ran"] == 0
+    assert run_sweep(RESUME, part, resume=True, plot=False)["ran"] == 0
     assert (part / "summary.png").stat().st_size > 0
 
 
 def test_resume_with_another_spec(tmp_path):
-    run_sweep({**SPEC, "grid": {"seed": [0]}}, tmp_path, threads=1)
+    run_sweep({**SPEC, "grid": {"seed": [0]}}, tmp_path, threads=1, plot=False)
     with pytest.raises(DeepCollapseError, match="different spec"):
         run_sweep(SPEC, tmp_path, resume=True)
 
@@ -186,7 +190,7 @@ def test_width_below_classes_is_refused_unless_allowed(tmp_path):
 
 
 def test_torn_last_row_is_dropped_and_rerun(tmp_path):
-    spec = {**SPEC, "grid": {"seed": [0, 1, 2]}}
+    spec = {**RESUME, "grid": {"seed": [0, 1, 2]}}
     run_sweep(spec, tmp_path / "full", threads=1, plot=False)
     part = tmp_path / "part"
     run_sweep(spec, part, threads=1, plot=False)
@@ -194,7 +198,7 @@ def test_torn_last_row_is_dropped_and_rerun(tmp_path):
     last = text.rstrip("\n").rfind("\n") + 1
     (part / "results.csv").write_text(text[:last] + text[last : last + 30])  # a write cut short
     with pytest.warns(UserWarning, match="torn last row"):
-        summary = run_sweep(spec, part, resume=True, threads=1)
+        summary = run_sweep(spec, part, resume=True, threads=1, plot=False)
     assert (summary["skipped"], summary["ran"]) == (2, 1)
     assert _strip(read_results(part)) == _strip(read_results(tmp_path / "full"))
 

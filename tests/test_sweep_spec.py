@@ -337,9 +337,9 @@ def test_a_result_row_records_the_run_and_marks_divergence():
 
 def test_a_row_of_an_srg_setting_has_the_srg_loss():
     """K = 3 = C(3, 2), L = 2, widths >= 3: the low-rank construction applies; its loss and ratio are recorded."""
-    (item,) = expand_spec({"fixed": {"num_classes": 3, "n_per_class": 1, "num_layers": 2, "width": 3}})
-    res, cfg = _result(item["config"]), item["config"]
-    row = sweep.result_row(item, res)
+    cfg = DUFMConfig(num_classes=3, n_per_class=1, num_layers=2, width=3)
+    res = _result(cfg)
+    row = sweep.result_row({"key": "k", "index": 0, "params": {}}, res)
     loss = np_dufm_loss(res.h1, res.weights, cfg.counts, cfg.lambda_h, cfg.lambda_w)
     assert row["srg_loss"] > 0 and row["ratio_srg"] == pytest.approx(loss / row["srg_loss"], rel=1e-10)
 
