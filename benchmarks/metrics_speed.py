@@ -275,6 +275,7 @@ def scenario(name: str, cfg: dict[str, Any]) -> None:
             t32, t64 = (flops / res["bound"]["metrics"][g] / 1e9 for g in ("gflops", "gflops64"))
             print(f"  {name} computing / bound: x{compute / t32:.2f} (float32 product), x{compute / t64:.2f} (float64)")
     ceiling(res, flops, d, k)
+    m = res.get("measure")
     if m and "error" not in m and cfg.get("limit_gib"):
         ok = m["peak_bytes"] <= cfg["limit_gib"] * 2**30
         print(f"  peak memory {m['peak_bytes'] / 2**30:.2f} GiB ({'within' if ok else 'ABOVE'} {cfg['limit_gib']} GiB)")
