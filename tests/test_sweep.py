@@ -99,7 +99,7 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path):
     with pytest.raises(DeepCollapseError, match="already holds a run"):
         run_sweep(RESUME, part)
     summary = run_sweep(RESUME, part, resume=True, threads=1)
-    assert (summary["skipped"], summary["ran"]) == (3, 3)
+    assert (summary["skipped"], summary["ran"], summary["plot"]) == (3, 3, str(part / "summary.png"))
     assert _strip(read_results(part)) == _strip(ref)
     assert run_sweep(RESUME, part, resume=True, plot=False)["ran"] == 0
     assert (part / "summary.png").stat().st_size > 0
@@ -269,6 +269,10 @@ def test_overwrite_replaces_and_resume_starts_a_new_table(tmp_path):
     assert json.loads((tmp_path / "a" / "sweep.json").read_text())["spec_hash"] == spec_hash(one)
     summary = run_sweep(one, tmp_path / "b" / "c", resume=True, threads=1, plot=False)  # nothing to resume
     assert (summary["ran"], summary["skipped"]) == (1, 0) and len(read_results(tmp_path / "b" / "c")) == 1
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "summary.json").write_text("{}")  # another kind of run, no table: nothing to resume
+    with pytest.raises(DeepCollapseError, match=r"already holds a run \(summary.json\)"):
+        run_sweep(one, tmp_path / "e", resume=True)
     with pytest.raises(DeepCollapseError, match=r"^backend must be 'local' or 'ray', got 'spark'$"):
         run_sweep(one, tmp_path / "d", backend="spark")
     assert not (tmp_path / "d").exists()

@@ -436,7 +436,7 @@ def run_sweep(
     if resume and (out / RESULTS).exists():
         finished = _table_check(out, digest)
     else:
-        prepare_out_dir(out, overwrite=overwrite, resume=resume)
+        prepare_out_dir(out, overwrite=overwrite)  # no table to resume: a directory holding a run is refused
         finished = set()
     write_json(out / META, {"spec": validate_spec(spec), "spec_hash": digest, "columns": list(COLUMNS)})
     todo = [it for it in items if it["key"] not in finished]
@@ -449,7 +449,7 @@ def run_sweep(
         if on_row is not None:
             on_row(row)
 
-    if todo and backend == "local":
+    if backend == "local":
         old = torch.get_num_threads()
         torch.set_num_threads(threads or os.cpu_count() or 1)
         try:
@@ -522,7 +522,7 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
         pts = [(r["index"], r["ratio_dnc"]) for r in rows if _verdict(r) == v]
         pts = [(i, y) for i, y in pts if isinstance(y, float) and math.isfinite(y) and y > 0]
         if pts:
-            right.scatter(*zip(*pts, strict=True), s=12, label=v)
+            right.scatter([i for i, _ in pts], [y for _, y in pts], s=12, label=v)
     right.axhline(1.0, color="k", lw=1, ls=":")
     right.set_yscale("log")
     right.set_xlabel("configuration index")
