@@ -217,3 +217,22 @@ def test_float64_features_take_the_float64_rule(recomputed) -> None:
     h, _, means = random_case(2, 40, 8, 5, 1.0, 0.0, 1.0, torch.float64)
     assert np.array_equal(rule(h, means).numpy(), np_nearest(h.numpy(), means.numpy()))
     assert recomputed == [40]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", LOW)
+def test_cuda_certified_equals_numpy(dtype, recomputed) -> None:
+    """cuBLAS float32 products obey the same bound; with TF32 allowed, the float64 rule decides every row."""
+    h, _, means = random_case(8, 500, 64, 40, 1.0, 1e3, 1.0, dtype)
+    want = np_nearest(_np(h), means.numpy())
+    got = rule(h.cuda(), means.cuda())
+    assert np.array_equal(got.cpu().numpy(), want)
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        recomputed.clear()
+        got = rule(h.cuda(), means.cuda())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert np.array_equal(got.cpu().numpy(), want) and recomputed == [500]
