@@ -106,6 +106,7 @@ CONSTANT_CASES = [
     (4, 1, 0.3, [0.02, 7.0, 1e-5, 0.5]),
     (6, 7, 1e-200, [1e-200] * 6),  # the product (1e-1400) underflows a float: computed in logs
     (2, 10**9, 1e150, [1e150, 1e150]),  # the product overflows a float
+    (1, 10, 1e300, [1e300]),  # C near the largest float
 ]
 
 
@@ -523,3 +524,14 @@ def test_optimal_scale_returns_an_exact_root_exactly():
     assert T.optimal_scale(105 / 512, 3) == 49 / 64
     s7 = (31 / 32) ** 4
     assert T.optimal_scale((1 - s7) * (31 / 32) ** 3, 7) == s7
+
+
+def test_dnc_constant_past_the_float_range():
+    """C above the largest float: one line naming the λ's, for every closed form that needs C."""
+    big = dict(num_layers=1, n=10, lambda_h=1e308, lambda_w=1e308)
+    message = r"^lambda_h and lambda_w are too large: C overflows a float \(log C = 710\.3\d*\)$"
+    with pytest.raises(DeepCollapseError, match=message):
+        T.dnc_constant(**big)
+    for fn in (T.dnc_loss, T.dnc_solution, T.zero_threshold):
+        with pytest.raises(DeepCollapseError, match=message):
+            fn(num_classes=2, **big)

@@ -73,7 +73,12 @@ def dnc_constant(num_layers: int, n: int, lambda_h: float, lambda_w: float | Seq
     if lambda_h == 0 or any(v == 0 for v in lw):
         return 0.0
     logs = math.log(n) + math.log(lambda_h) + sum(math.log(v) for v in lw)
-    return math.exp(logs / (L + 1))
+    try:
+        return math.exp(logs / (L + 1))
+    except OverflowError:
+        raise DeepCollapseError(
+            f"lambda_h and lambda_w are too large: C overflows a float (log C = {logs / (L + 1):.6g})"
+        ) from None
 
 
 def dnc_objective(s: float, *, num_classes: int, num_layers: int, c: float) -> float:
