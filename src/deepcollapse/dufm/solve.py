@@ -81,18 +81,22 @@ class SolverConfig(StopRules):
             raise DeepCollapseError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]
-        self.lr = check_real("lr", self.lr, low=0.0, low_inclusive=False)
+        self.lr = _positive("lr", self.lr)
         if self.max_steps is None:
             self.max_steps = DEFAULT_MAX_STEPS[self.optimizer]
         self.max_steps = check_positive_int("max_steps", self.max_steps)
         self.momentum = check_real("momentum", self.momentum, low=0.0, high=1.0)
         self.lbfgs_iters = check_positive_int("lbfgs_iters", self.lbfgs_iters)
         self.lbfgs_history = check_positive_int("lbfgs_history", self.lbfgs_history)
-        self.lbfgs_scale = check_real("lbfgs_scale", self.lbfgs_scale, low=0.0, low_inclusive=False)
+        self.lbfgs_scale = _positive("lbfgs_scale", self.lbfgs_scale)
         self.history_points = check_positive_int("history_points", self.history_points)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _positive(name: str, value: Any) -> float:
+    return check_real(name, value, low=0.0, low_inclusive=False)
 
 
 @dataclass
@@ -369,8 +373,7 @@ def _record(run: _Run, point: _Point, reason: str) -> None:
     if gap is not None:
         row["gap"] = gap
     if run.cfg.metrics and reason != "diverged":
-        m = run.model
-        row.update(flat_metrics(layer_metrics(m.h1, list(m.weights), m.labels, m.config.num_classes)))
+        row.update(flat_metrics(_layers(run.model)))
     if st.history and st.history[-1]["step"] == st.step:
         st.history[-1] = row  # a resumed run re-evaluates the step it was saved at
     else:
@@ -379,10 +382,13 @@ def _record(run: _Run, point: _Point, reason: str) -> None:
         run.callback(row)
 
 
+def _layers(m: DUFM) -> list[dict[str, Any]]:
+    return layer_metrics(m.h1, list(m.weights), m.labels, m.config.num_classes)
+
+
 def _result(run: _Run, point: _Point, reason: str) -> SolveResult:
     m, st = run.model, run.st
-    finite = math.isfinite(point.loss)
-    layers = layer_metrics(m.h1, list(m.weights), m.labels, m.config.num_classes) if finite else []
+    layers = _layers(m) if math.isfinite(point.loss) else []
     return SolveResult(
         model=m,
         history=st.history,
