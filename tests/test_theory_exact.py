@@ -60,6 +60,15 @@ def test_optimal_scale_at_the_threshold(L):
         assert T.dnc_objective(s, num_classes=1, num_layers=L, c=below) == pytest.approx(0.5, rel=1e-14)
 
 
+def test_scale_of_a_kc_past_the_float_range_is_zero():
+    """K C can overflow where C does not (K = 10, C ~ 3e307): the zero solution, loss 1/2."""
+    assert T.optimal_scale(math.inf, 3) == 0.0 and T.optimal_scale(math.inf, 1) == 0.0
+    kw = dict(num_classes=10, num_layers=1, n=10, lambda_h=1e307, lambda_w=1e307)
+    assert T.dnc_scale(**kw) == 0.0 and T.dnc_loss(**kw) == 0.5
+    sol = T.dnc_solution(**kw)
+    assert (sol.s, sol.t, sol.weight_norms) == (0.0, 0.0, [0.0]) and sol.zero_threshold.zero_is_optimal
+
+
 def test_optimal_scale_without_regularization_is_one():
     for L in (1, 2, 7):
         assert T.optimal_scale(0.0, L) == 1.0
@@ -71,7 +80,7 @@ def test_optimal_scale_without_regularization_is_one():
     [
         (-1e-3, 2, r"^kc must be >= 0"),
         (math.nan, 2, r"^kc must be finite"),
-        (math.inf, 3, r"^kc must be finite"),
+        (-math.inf, 3, r"^kc must be finite"),
         (0.1, 0, r"^num_layers must be >= 1"),
         (0.1, 2.5, r"^num_layers must be an integer"),
     ],

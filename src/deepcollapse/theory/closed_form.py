@@ -84,7 +84,8 @@ def dnc_constant(num_layers: int, n: int, lambda_h: float, lambda_w: float | Seq
 def dnc_objective(s: float, *, num_classes: int, num_layers: int, c: float) -> float:
     """``f(s) = ½(1-s)² + (K/2)(L+1) C s^{2/(L+1)}``: the DNC loss at output scale ``s``."""
     L = num_layers
-    return 0.5 * (1 - s) ** 2 + 0.5 * num_classes * (L + 1) * c * s ** (2 / (L + 1))
+    penalty = c * s ** (2 / (L + 1))  # first, so that s = 0 gives 0 even for a C near the float range
+    return 0.5 * (1 - s) ** 2 + 0.5 * num_classes * (L + 1) * penalty
 
 
 def _critical_kc(num_layers: int) -> float:
@@ -103,7 +104,8 @@ def optimal_scale(kc: float, num_layers: int) -> float:
     first float at which the left side is ``<= kc`` (an exact float root is returned exactly).
     """
     L = check_positive_int("num_layers", num_layers)
-    kc = check_nonneg("kc", kc)
+    if kc != math.inf:  # K C past the float range (K times a C near it) is past the threshold too
+        kc = check_nonneg("kc", kc)
     if kc >= _critical_kc(L):
         return 0.0
     if L == 1:
