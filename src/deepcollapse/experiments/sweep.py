@@ -214,8 +214,7 @@ def expand_spec(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
     """
     spec = validate_spec(spec)
     grid, fixed, rnd = spec.get("grid", {}), spec.get("fixed", {}), spec.get("random")
-    names = list(grid)
-    points = [dict(zip(names, vals, strict=True)) for vals in itertools.product(*(grid[n] for n in names))]
+    points = [dict(pairs) for pairs in itertools.product(*([(n, v) for v in vs] for n, vs in grid.items()))]
     if rnd is not None:
         rng = random.Random(int(rnd.get("seed", 0)))
         drawn = []
