@@ -406,3 +406,23 @@ def test_float32_low_rank_lift_gives_the_float64_answer(tmp_path: Path, path: st
     want = reference(z, y, list(range(10)))["nc1"]  # float64 on the bottleneck itself
     assert rows["z"]["metrics"]["nc1"] == pytest.approx(want, rel=1e-8)
     assert rows["up"]["metrics"]["nc1"] == pytest.approx(want, rel=1e-6)
+
+
+def test_the_pairwise_sweep_runs_once_per_layer(tmp_path: Path, arrays, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The O(K²·D) pair sweep feeds both the layer's metrics and its per-class CDNV columns: one call a layer."""
+    from deepcollapse.measure import metrics, readers
+
+    calls = []
+    real = metrics.pair_summary
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "pair_summary", counting)
+    monkeypatch.setattr(readers, "pair_summary", counting)
+    f = tmp_path / "feats.npz"
+    np.savez(f, **arrays)
+    r = invoke(f)
+    assert r.exit_code == 0, r.output
+    assert len(calls) == 2  # two layers

@@ -516,3 +516,22 @@ def test_dnc_metrics_passes_num_classes() -> None:
     with pytest.warns(UserWarning, match=r"class\(es\) \[4, 5\] have no samples"):
         got = M.dnc_metrics(h, y, 6)
     assert got["nc1"] == pytest.approx(ref(h, y)["nc1"], rel=1e-10)
+
+
+def test_dnc_metrics_and_per_class_rows_use_a_given_pair_summary() -> None:
+    """``pairs=`` is used as given (the sweep is not run again): a summary of *other* statistics shows up in
+    every pair metric and CDNV column; without it both compute their own, equal to the reference."""
+    from deepcollapse.measure.readers import per_class_rows
+
+    h, y = planted()
+    stats = M.class_stats(h, y, K)
+    other = M.pair_summary(M.class_stats(h * torch.linspace(1, 2, D, dtype=torch.float64), y, K))
+    own = M.dnc_metrics(stats)
+    given = M.dnc_metrics(stats, pairs=other)
+    names = ("nc2_etf", "nc2_orth", "nc2_equiangle", "nc2_maxangle", "cdnv")
+    assert all(given[n] == getattr(other, n) != own[n] for n in names)
+    assert {k: v for k, v in given.items() if k not in names} == {k: v for k, v in own.items() if k not in names}
+    assert own["cdnv"] == pytest.approx(ref(h, y)["cdnv"], rel=1e-12)
+    rows, rows_given = per_class_rows(stats), per_class_rows(stats, pairs=other)
+    assert [r["cdnv_mean"] for r in rows_given] == other.cdnv_per_class.tolist() != [r["cdnv_mean"] for r in rows]
+    assert [r["cdnv_max"] for r in rows_given] == other.cdnv_max.tolist()

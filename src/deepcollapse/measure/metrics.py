@@ -565,6 +565,7 @@ def dnc_metrics(
     rtol: float | None = None,
     rank_rtol: float = 1e-3,
     tile_bytes: int = DEFAULT_TILE_BYTES,
+    pairs: PairSummary | None = None,
 ) -> dict[str, float | int]:
     """Every metric of one layer as a flat dict, keyed by the names of :data:`METRICS`.
 
@@ -572,7 +573,9 @@ def dnc_metrics(
     ``nc2_orth``, ``nc2_equinorm``, ``nc2_equiangle``, ``nc2_maxangle``, ``cdnv``, ``rank``, ``rank_centred``,
     ``mean_norm`` and ``rtol`` (the cutoff used). ``ncc_accuracy`` and ``nc4`` when the statistics carry them.
     With a ``weight`` (out, D) acting on these features: ``nc3_span``; when it has K rows also ``nc3_zhu`` and
-    ``nc3_duality`` (``nc3_duality_uncentred`` instead when ``bias_free``).
+    ``nc3_duality`` (``nc3_duality_uncentred`` instead when ``bias_free``). ``pairs``: the
+    :func:`pair_summary` of the same statistics and ``weighting``, when the caller already has it (the
+    O(K²·D) sweep then runs once for this and the per-class table).
     """
     if isinstance(features, ClassStats):
         stats = features
@@ -583,7 +586,8 @@ def dnc_metrics(
     tol = check_rtol(rtol, stats)
     trace = _nc1_trace(stats, weighting, "auto", tol, None)
     out: dict[str, float | int] = {"nc1": trace / stats.num_classes} if normalize else {"nc1_unnormalized": trace}
-    pairs = pair_summary(stats, weighting=weighting, tile_bytes=tile_bytes)
+    if pairs is None:
+        pairs = pair_summary(stats, weighting=weighting, tile_bytes=tile_bytes)
     out |= {
         "nc1_quotient": nc1_quotient(stats, weighting=weighting),
         "nc2_etf": pairs.nc2_etf,

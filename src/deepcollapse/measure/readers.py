@@ -37,6 +37,7 @@ from deepcollapse.measure.accumulate import ClassAccumulator, accumulate_stats
 from deepcollapse.measure.metrics import (
     METRICS,
     ClassStats,
+    PairSummary,
     centred_means,
     classifier_predictions,
     dnc_metrics,
@@ -452,15 +453,21 @@ def _check_classifier(clf: Classifier, last: LayerArray, selection: ClassSelecti
 
 
 def per_class_rows(
-    stats: ClassStats, *, classes: Sequence[int] | None = None, weighting: str = "samples"
+    stats: ClassStats,
+    *,
+    classes: Sequence[int] | None = None,
+    weighting: str = "samples",
+    pairs: PairSummary | None = None,
 ) -> list[dict[str, Any]]:
     """Per class: ``samples`` ``n_c``; ``within_variance`` ``Var_c = 1/n_c Σ ||h_i - μ_c||²``; ``mean_norm``
     ``||μ_c||`` and ``centred_mean_norm`` ``||μ_c - μ_G||``; ``ncc_accuracy`` and ``nc4`` (the fraction of the
     class whose classifier prediction differs from its nearest class mean) when counted; the CDNV row:
     ``cdnv_mean`` its mean over the other classes, ``cdnv_max`` its largest entry and ``cdnv_max_class`` the
     class reaching it (the class ``c`` is least separated from). ``classes`` names the rows (default
-    ``0..K-1``). The CDNV rows come from the tiled :func:`~deepcollapse.measure.metrics.pair_summary`."""
-    pairs = pair_summary(stats, weighting=weighting)
+    ``0..K-1``). The CDNV rows come from the tiled :func:`~deepcollapse.measure.metrics.pair_summary` (``pairs``
+    when the caller has it for the same statistics and ``weighting``)."""
+    if pairs is None:
+        pairs = pair_summary(stats, weighting=weighting)
     ids = list(range(stats.num_classes)) if classes is None else [int(c) for c in classes]
     norms, centred = stats.means.norm(dim=1), centred_means(stats, weighting=weighting).norm(dim=1)
     counts = stats.counts.tolist()
@@ -539,6 +546,7 @@ def measure_saved(
     for depth, layer in enumerate(inputs.layers):
         head = clf if depth == len(inputs.layers) - 1 else None
         stats = _layer_stats(layer, selection, options, head)
+        pairs = pair_summary(stats, weighting=options.weighting)  # once for the metrics and the per-class table
         found = dnc_metrics(
             stats,
             weight=None if head is None else torch.from_numpy(head.weight),
@@ -546,9 +554,10 @@ def measure_saved(
             normalize=options.normalize,
             weighting=options.weighting,
             rtol=options.rtol,
+            pairs=pairs,
         )
         meta = {k: v for k, v in found.items() if METRICS[k].kind == "meta"}
         metrics = {k: v for k, v in found.items() if k not in meta}
-        rows = per_class_rows(stats, classes=selection.classes.tolist(), weighting=options.weighting)
+        rows = per_class_rows(stats, classes=selection.classes.tolist(), weighting=options.weighting, pairs=pairs)
         results.append(LayerResult(layer.name, depth, layer.dim, str(layer.dtype), stats.total, metrics, rows, meta))
     return Measurement(inputs, selection, options, results)
