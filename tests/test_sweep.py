@@ -218,8 +218,10 @@ HEADER = (
 
 
 def test_the_table_and_sweep_json_hold_exactly_the_runs(tmp_path):
-    starts, clock = [], time.perf_counter()
-    summary = run_sweep(TINY, tmp_path, threads=1, plot=False, on_start=lambda *a: starts.append(a))
+    starts, saved, clock = [], [], time.perf_counter()
+    summary = run_sweep(
+        TINY, tmp_path, threads=1, plot=False, on_start=lambda *a: starts.append(a), on_row=saved.append
+    )
     assert 0 < summary["seconds"] < time.perf_counter() - clock  # the wall time of the runs
     digest = spec_hash(TINY)
     assert {k: v for k, v in summary.items() if k != "seconds"} == {
@@ -234,6 +236,7 @@ def test_the_table_and_sweep_json_hold_exactly_the_runs(tmp_path):
     assert starts == [(2, 0)] and not (tmp_path / "summary.png").exists()
     lines = (tmp_path / "results.csv").read_text().splitlines()
     assert lines[0] == HEADER and len(lines) == 3
+    assert [line.split(",")[0] for line in lines[1:]] == [r["key"] for r in saved]  # on_row: each row as saved
     items = expand_spec(TINY)
     for line, item in zip(sorted(lines[1:], key=lambda s: s.split(",")[1]), items, strict=True):
         params = f"{item['key']},{item['index']},2,2,2,3,0.004,0.004,1.0,{item['index']},float64,0.5,20,1e-05,1e-13,20,"
@@ -330,6 +333,10 @@ def test_batches_hold_one_shape_and_at_most_batch_size_configurations(tmp_path, 
     }  # other stopping rules: other batches
     run_sweep(steps, tmp_path / "d", threads=1, plot=False)
     assert len(sizes) == 2 and [r["steps"] for r in read_results(tmp_path / "d")] == [10, 20]
+    sizes.clear()
+    many = {**TINY, "grid": {"seed": list(range(257))}, "fixed": {**TINY["fixed"], "max_steps": 1}}
+    run_sweep(many, tmp_path / "e", threads=1, plot=False)
+    assert [len(b) for b in sizes] == [256, 1]  # the default batch_size
 
 
 @pytest.mark.parametrize(
@@ -364,3 +371,6 @@ def test_ray_tasks_analyse_and_use_the_threads_asked_for(tmp_path, monkeypatch, 
     run_sweep({**TINY, "analysis": True}, tmp_path, backend="ray", threads=2, plot=False)
     assert fake.tasks == [([0], True, 2), ([1], True, 2)] and fake.threads_seen == 2
     assert [r["verdict"] is not None for r in read_results(tmp_path)] == [True, True]
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(initialized=False))  # ray_address reaches the connection
+    with pytest.raises(DeepCollapseError, match=r"^ray_address must be host:port"):
+        run_sweep(TINY, tmp_path / "b", backend="ray", ray_address="nonsense")
