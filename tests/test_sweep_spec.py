@@ -114,7 +114,7 @@ def _rnd(params, draws=2):
         ({"grid": {"seed": [0]}, **_rnd({"seed": {"choice": [1]}})}, r"parameter(s) ['seed'] are given in more"),
         (
             {"fixed": {"width": 5, "seed": 0}, **_rnd({"seed": {"choice": [1]}, "width": {"choice": [5]}})},
-            "['seed', 'width']",
+            "parameter(s) ['seed', 'width'] are given in more than one of grid/fixed/random",
         ),
         ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
         ({"batch_size": 1.5}, "batch_size must be an integer, got 1.5"),
@@ -125,7 +125,7 @@ def _rnd(params, draws=2):
 def test_a_bad_spec_is_refused_with_a_message_naming_the_key(spec, message):
     with pytest.raises(DeepCollapseError) as info:
         validate_spec(spec)
-    assert message in str(info.value)
+    assert str(info.value).startswith(message)
 
 
 def test_validate_spec_accepts_the_edges_and_orders_the_top_keys():

@@ -233,7 +233,7 @@ def expand_spec(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
         if isinstance(options.lr, list):
             raise DeepCollapseError(f"configuration #{i}: lr must be one number")
         narrow = [f"d_{j + 1} = {d}" for j, d in enumerate(config.widths) if d < config.num_classes]
-        if narrow and not spec.get("allow_narrow", False):
+        if narrow and not spec.get("allow_narrow"):
             raise DeepCollapseError(
                 f"configuration #{i} ({json.dumps(point)}): width below K = {config.num_classes} "
                 f'({", ".join(narrow)}): the DNC optimum needs every width >= K; set "allow_narrow": true in '
