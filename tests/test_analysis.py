@@ -14,7 +14,8 @@ import torch
 from deepcollapse.dufm.model import DUFM, DUFMConfig
 from deepcollapse.dufm.solve import SolverConfig, solve
 from deepcollapse.files import to_jsonable
-from deepcollapse.theory.analysis import VERDICTS, analyze_solution, dnc_checks, plot_spectra, verdict
+from deepcollapse.plots import plot_spectra
+from deepcollapse.theory.analysis import VERDICTS, analyze_solution, dnc_checks, verdict
 from deepcollapse.theory.closed_form import optimal_parameters, zero_threshold
 from deepcollapse.theory.lowrank import srg_parameters
 

@@ -11,7 +11,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_epoch_metrics", "plot_loss", "plot_metric_by_layer", "plot_metric_curves", "plot_metrics_vs_depth"]
+__all__ = [
+    "plot_epoch_metrics",
+    "plot_loss",
+    "plot_metric_by_layer",
+    "plot_metric_curves",
+    "plot_metrics_vs_depth",
+    "plot_spectra",
+]
 
 
 def _plt():
@@ -244,5 +251,46 @@ def plot_epoch_metrics(
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_spectra(analysis: Mapping[str, Any], path: str | Path, *, title: str | None = None) -> Path:
+    """Normalized class-mean singular values per layer: before the ReLUs (left) and after them (right), from a
+    record of :func:`deepcollapse.theory.analysis.analyze_solution` (its ``spectra``, ``rank_rtol``, ``verdict``,
+    ``ratio_dnc``, ``ratio_srg``).
+
+    The dotted line is ``rank_rtol``: the numerical rank counts the values above it.
+    """
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    floor = 1e-17
+    panels = {"pre": (axes[0], "before ReLU (H̃_l)"), "post": (axes[1], "after ReLU (H_1, H_l, output)")}
+    for entry in analysis["spectra"]:
+        stage = entry["stage"]
+        ax = axes[0] if stage == "pre" else axes[1]
+        sv = [max(v, floor) for v in entry["singular_values"]]
+        label = {"free": "H1", "output": "output"}.get(stage, f"layer {entry['layer']}")
+        ax.plot(range(1, len(sv) + 1), sv, "o-", ms=3, label=label)
+    for key, (ax, name) in panels.items():
+        ax.axhline(analysis.get("rank_rtol", 1e-3), color="k", ls=":", lw=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("index")
+        ax.set_title(name)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        if key == "pre":
+            ax.set_ylabel("σ_i / σ_1 of the class means")
+    ratio = analysis.get("ratio_dnc")
+    head = f"verdict: {analysis.get('verdict')}"
+    if ratio is not None and math.isfinite(ratio):
+        head += f", loss/L_DNC = {ratio:.4f}"
+    if analysis.get("ratio_srg") is not None:
+        head += f", loss/L_SRG = {analysis['ratio_srg']:.4f}"
+    fig.suptitle(title or head, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

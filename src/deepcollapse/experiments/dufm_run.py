@@ -21,8 +21,9 @@ from deepcollapse._validate import DeepCollapseError, DivergenceError
 from deepcollapse.dufm.model import DUFM, DUFMConfig
 from deepcollapse.dufm.solve import SolverConfig, SolveResult, load_checkpoint, solve
 from deepcollapse.files import prepare_out_dir, write_csv, write_json
+from deepcollapse.plots import plot_spectra
 from deepcollapse.theory import closed_form as theory
-from deepcollapse.theory.analysis import analyze_solution, plot_spectra
+from deepcollapse.theory.analysis import analyze_solution
 
 __all__ = ["RunOutput", "run_dufm", "summarize"]
 

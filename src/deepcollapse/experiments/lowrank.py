@@ -22,7 +22,8 @@ from deepcollapse.dufm.batched import GDOptions, train_batched
 from deepcollapse.dufm.model import DUFMConfig
 from deepcollapse.experiments.sweep import read_results, run_sweep
 from deepcollapse.files import prepare_out_dir, write_csv, write_json
-from deepcollapse.theory.analysis import analyze_solution, plot_spectra
+from deepcollapse.plots import plot_spectra
+from deepcollapse.theory.analysis import analyze_solution
 from deepcollapse.theory.lowrank import srg_table
 
 __all__ = ["dnc_vs_width", "gd_lowrank", "rank_vs_wd", "srg_table_experiment"]

@@ -219,7 +219,7 @@ def fig2_bottom(out: Path, p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, 
                    measured=res.summary["train_accuracy"], expected=0.99, tolerance=0.0, relation="at_least",
                    run=f"runs/{p['id']}/run/summary.json", if_failed="too few epochs at this size"),
     ]  # fmt: skip
-    from deepcollapse.theory.analysis import plot_spectra
+    from deepcollapse.plots import plot_spectra
 
     plot_spectra(a, out / "spectra.png")
     return {"claims": claims, "figures": ["run/loss.png", "spectra.png"], "settings": opts}
@@ -230,7 +230,8 @@ def fig2_bottom(out: Path, p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, 
 
 def fig1_srg(out: Path, p: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
     """The SRG construction at L = 4, K = 10 (r = 5): ranks before and after the last ReLU, loss vs L_DNC."""
-    from deepcollapse.theory.analysis import analyze_solution, plot_spectra
+    from deepcollapse.plots import plot_spectra
+    from deepcollapse.theory.analysis import analyze_solution
     from deepcollapse.theory.lowrank import srg_parameters
 
     cfg = DUFMConfig(num_classes=p["K"], n_per_class=p["n"], num_layers=p["L"], width=p["width"],

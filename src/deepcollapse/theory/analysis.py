@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,7 +50,7 @@ from deepcollapse.measure import metrics as M
 from deepcollapse.theory.closed_form import check
 from deepcollapse.theory.lowrank import srg_loss, srg_order
 
-__all__ = ["VERDICTS", "analyze_solution", "dnc_checks", "plot_spectra", "verdict"]
+__all__ = ["VERDICTS", "analyze_solution", "dnc_checks", "verdict"]
 
 #: Every verdict :func:`analyze_solution` can give.
 VERDICTS = ("dnc", "zero", "low-rank", "other", "diverged")
@@ -195,44 +194,3 @@ def verdict(record: dict[str, Any], *, tol: float = 1e-3) -> str:
     if record["rank_out"] == K and min(record["ranks_pre"][1:], default=K) < K:
         return "low-rank"
     return "other"
-
-
-def plot_spectra(analysis: dict[str, Any], path: str | Path, *, title: str | None = None) -> Path:
-    """Normalized class-mean singular values per layer: before the ReLUs (left) and after them (right).
-
-    The dotted line is ``rank_rtol``: the numerical rank counts the values above it.
-    """
-    from deepcollapse.plots import _plt
-
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    floor = 1e-17
-    panels = {"pre": (axes[0], "before ReLU (H̃_l)"), "post": (axes[1], "after ReLU (H_1, H_l, output)")}
-    for entry in analysis["spectra"]:
-        stage = entry["stage"]
-        ax = axes[0] if stage == "pre" else axes[1]
-        sv = [max(v, floor) for v in entry["singular_values"]]
-        label = {"free": "H1", "output": "output"}.get(stage, f"layer {entry['layer']}")
-        ax.plot(range(1, len(sv) + 1), sv, "o-", ms=3, label=label)
-    for key, (ax, name) in panels.items():
-        ax.axhline(analysis.get("rank_rtol", 1e-3), color="k", ls=":", lw=1)
-        ax.set_yscale("log")
-        ax.set_xlabel("index")
-        ax.set_title(name)
-        if ax.lines:
-            ax.legend(fontsize=7)
-        if key == "pre":
-            ax.set_ylabel("σ_i / σ_1 of the class means")
-    ratio = analysis.get("ratio_dnc")
-    head = f"verdict: {analysis.get('verdict')}"
-    if ratio is not None and math.isfinite(ratio):
-        head += f", loss/L_DNC = {ratio:.4f}"
-    if analysis.get("ratio_srg") is not None:
-        head += f", loss/L_SRG = {analysis['ratio_srg']:.4f}"
-    fig.suptitle(title or head, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
