@@ -17,7 +17,7 @@ The verdict rests only on what the theory fixes, so it does not depend on the fr
 class means of ``H_1`` (nor, through it, on the layer-2 pre-activation):
 
 ``"diverged"``
-    the loss or a parameter is NaN or infinite.
+    the loss, a parameter or a pre-activation is NaN or infinite.
 ``"dnc"``
     (balanced classes, ``L_DNC`` with ``s > 0``) ``|gap| <= tol``; NC1 ``<= tol`` at every layer; the
     post-ReLU class means of every layer l >= 2 form an orthogonal frame (``nc2_orth <= √tol``); and
@@ -56,8 +56,8 @@ __all__ = ["VERDICTS", "analyze_solution", "dnc_checks", "verdict"]
 VERDICTS = ("dnc", "zero", "low-rank", "other", "diverged")
 
 VERDICT_RULE = (
-    "diverged: non-finite loss or parameters; dnc: |gap| <= tol, NC1 <= tol at every layer, orthogonal "
-    "post-ReLU frames (l >= 2), class-mean norms, weight norms and s within sqrt(tol) of the theory; zero: "
+    "diverged: non-finite loss, parameters or pre-activations; dnc: |gap| <= tol, NC1 <= tol at every layer, "
+    "orthogonal post-ReLU frames (l >= 2), class-mean norms, weight norms and s within sqrt(tol) of the theory; zero: "
     "||output|| <= sqrt(tol)||Y|| and reg <= tol/2; low-rank: output rank K but a pre-activation of layer "
     "3..L of rank < K; other: the rest"
 )
@@ -82,8 +82,9 @@ def analyze_solution(
     ``ranks_post`` (``H_1``, ``H_l``), ``rank_out``, ``rank_pre_last``, ``spectra`` (``{layer, stage,
     singular_values}``, normalized by the largest), ``tol``, ``rank_rtol``, ``checks`` (``gap``, ``nc1``,
     ``nc2_orth``, ``norms``: each true, false, or ``None`` without a theory), ``verdict`` (one of
-    :data:`VERDICTS`) and ``verdict_rule``. A point with a non-finite parameter gets only the keys that
-    exist there (``loss``, the sizes, ``tol``, ``rank_rtol``, ``verdict`` ``"diverged"``, ``verdict_rule``).
+    :data:`VERDICTS`) and ``verdict_rule``. A point with a non-finite loss, parameter or pre-activation gets
+    only the keys that exist there (``loss``, the sizes, ``tol``, ``rank_rtol``, ``verdict`` ``"diverged"``,
+    ``verdict_rule``).
     ``srg=False`` skips ``L_SRG`` (an optimization per setting, cached), leaving ``srg_loss`` ``None``.
     """
     K, L = config.num_classes, config.num_layers
@@ -91,10 +92,13 @@ def analyze_solution(
     ws = [w.detach().to(device=h.device, dtype=torch.float64) for w in weights]
     record: dict[str, Any] = {"num_classes": K, "num_layers": L, "num_samples": config.num_samples}
     record.update(tol=tol, rank_rtol=rank_rtol, verdict_rule=VERDICT_RULE)
-    if not all(bool(torch.isfinite(p).all()) for p in (h, *ws)):
-        y = label_matrix(config.counts, dtype=torch.float64, device=h.device)
-        with torch.no_grad():
-            record["loss"] = float(objective(h, ws, y, config.lambda_h, config.lambdas_w)[0])
+    y = label_matrix(config.counts, dtype=torch.float64, device=h.device)
+    with torch.no_grad():
+        record["loss"] = float(objective(h, ws, y, config.lambda_h, config.lambdas_w)[0])
+        pre = forward(h, ws)[0]
+    # a finite loss has finite parameters (λ ||θ||² would be inf or nan) and output; a pre-activation can still
+    # overflow to -inf, which the next ReLU hides
+    if not (math.isfinite(record["loss"]) and all(bool(torch.isfinite(z).all()) for z in pre)):
         return {**record, "verdict": "diverged"}
     record.update(check(h, ws, config))
     record.update(_gradient(h, ws, config))
@@ -131,10 +135,9 @@ def _ranks(h: Tensor, ws: list[Tensor], config: DUFMConfig, rank_rtol: float) ->
     spectra, ranks = [], {}
     for layer, stage, feats in stages:
         sv = M.mean_spectrum(M.class_stats(feats.T, labels, K, ncc=False))
-        top = float(sv.max()) if sv.numel() else 0.0
-        finite = math.isfinite(top)
-        ranks[(layer, stage)] = M.numerical_rank(sv, rtol=rank_rtol) if finite else -1
-        normed = [float(v) / top if top > 0 and finite else 0.0 for v in sv]
+        top = float(sv.max())
+        ranks[(layer, stage)] = M.numerical_rank(sv, rtol=rank_rtol)
+        normed = [float(v) / top if top > 0 else 0.0 for v in sv]
         spectra.append({"layer": layer, "stage": stage, "singular_values": normed})
     ranks_pre = [ranks[(l, "pre")] for l in range(2, L + 1)]
     return {
@@ -151,11 +154,11 @@ def _low_rank_reference(config: DUFMConfig, loss: float) -> dict[str, float | No
     """``srg_loss`` and ``ratio_srg`` where the SRG construction applies (K = C(r, 2), L >= 2, widths fit)."""
     r = srg_order(config.num_classes)
     fits = r is not None and all(d >= r for d in config.widths[:-1]) and config.widths[-1] >= config.num_classes
-    if not config.balanced or config.num_layers < 2 or not fits:
+    if not config.balanced or not fits:
         return {"srg_loss": None, "ratio_srg": None}
     kw = {"num_layers": config.num_layers, "n": config.n, "lambda_h": config.lambda_h, "lambda_w": config.lambdas_w}
-    value = srg_loss(num_classes=config.num_classes, **kw)
-    return {"srg_loss": value, "ratio_srg": loss / value if value else None}
+    value = srg_loss(num_classes=config.num_classes, **kw)  # None for L = 1
+    return {"srg_loss": value, "ratio_srg": None if value is None else loss / value}
 
 
 def dnc_checks(record: dict[str, Any], *, tol: float) -> dict[str, bool | None]:
