@@ -86,13 +86,13 @@ def analyze_solution(
     only the keys that exist there (``loss``, the sizes, ``tol``, ``rank_rtol``, ``verdict`` ``"diverged"``,
     ``verdict_rule``).
     ``srg=False`` skips ``L_SRG`` (an optimization per setting, cached), leaving ``srg_loss`` ``None``.
+    Computed in float64 on the CPU, whatever the parameters' dtype and device.
     """
     K, L = config.num_classes, config.num_layers
-    h = h1.detach().to(torch.float64)
-    ws = [w.detach().to(device=h.device, dtype=torch.float64) for w in weights]
+    h, *ws = (p.detach().cpu().double() for p in (h1, *weights))  # in float64, on the CPU, like check
     record: dict[str, Any] = {"num_classes": K, "num_layers": L, "num_samples": config.num_samples}
     record.update(tol=tol, rank_rtol=rank_rtol, verdict_rule=VERDICT_RULE)
-    y = label_matrix(config.counts, dtype=torch.float64, device=h.device)
+    y = label_matrix(config.counts)
     with torch.no_grad():
         record["loss"] = float(objective(h, ws, y, config.lambda_h, config.lambdas_w)[0])
         pre = forward(h, ws)[0]
@@ -115,7 +115,7 @@ def analyze_solution(
 def _gradient(h: Tensor, ws: list[Tensor], config: DUFMConfig) -> dict[str, float]:
     """``||∇L||`` and ``||∇L||·||θ||/L`` at the point (float64 autograd)."""
     params = [h.clone().requires_grad_(True), *[w.clone().requires_grad_(True) for w in ws]]
-    y = label_matrix(config.counts, dtype=torch.float64, device=h.device)
+    y = label_matrix(config.counts)
     total, _, _ = objective(params[0], params[1:], y, config.lambda_h, config.lambdas_w)
     grads = torch.autograd.grad(total, params)
     gn = torch.sqrt(sum(g.pow(2).sum() for g in grads))
@@ -124,17 +124,18 @@ def _gradient(h: Tensor, ws: list[Tensor], config: DUFMConfig) -> dict[str, floa
 
 
 def _ranks(h: Tensor, ws: list[Tensor], config: DUFMConfig, rank_rtol: float) -> dict[str, Any]:
-    K, L = config.num_classes, config.num_layers
-    labels = labels_from_counts(config.counts, device=h.device)
+    L = config.num_layers
+    labels = labels_from_counts(config.counts)
     with torch.no_grad():
         pre, post, out = forward(h, ws)
     stages = [(1, "free", h)]
-    for i, (z, a) in enumerate(zip(pre, post, strict=True)):
-        stages += [(i + 2, "pre", z), (i + 2, "post", a)]
+    for i, z in enumerate(pre):
+        stages += [(i + 2, "pre", z), (i + 2, "post", post[i])]
     stages.append((L + 1, "output", out))
     spectra, ranks = [], {}
     for layer, stage, feats in stages:
-        sv = M.mean_spectrum(M.class_stats(feats.T, labels, K, ncc=False))
+        # ncc=False skips the nearest-class-centre pass, which nothing here reads: only the cost can change
+        sv = M.mean_spectrum(M.class_stats(feats.T, labels, ncc=False))  # pragma: no mutate
         top = float(sv.max())
         ranks[(layer, stage)] = M.numerical_rank(sv, rtol=rank_rtol)
         normed = [float(v) / top if top > 0 else 0.0 for v in sv]
