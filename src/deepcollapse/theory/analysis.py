@@ -95,14 +95,15 @@ def analyze_solution(
     y = label_matrix(config.counts)
     with torch.no_grad():
         record["loss"] = float(objective(h, ws, y, config.lambda_h, config.lambdas_w)[0])
-        pre = forward(h, ws)[0]
+        layers = forward(h, ws)  # (pre, post, out): the divergence test here, the ranks below
+    pre = layers[0]
     # a finite loss has finite parameters (λ ||θ||² would be inf or nan) and output; a pre-activation can still
     # overflow to -inf, which the next ReLU hides
     if not (math.isfinite(record["loss"]) and all(bool(torch.isfinite(z).all()) for z in pre)):
         return {**record, "verdict": "diverged"}
     record.update(check(h, ws, config))
     record.update(_gradient(h, ws, config))
-    record.update(_ranks(h, ws, config, rank_rtol))
+    record.update(_ranks(h, layers, config, rank_rtol))
     record.update(_low_rank_reference(config, record["loss"]) if srg else {"srg_loss": None, "ratio_srg": None})
     d_loss = record["dnc_loss"]
     record["ratio_dnc"] = record["loss"] / d_loss if d_loss else None
@@ -123,11 +124,13 @@ def _gradient(h: Tensor, ws: list[Tensor], config: DUFMConfig) -> dict[str, floa
     return {"grad_norm": float(gn), "rel_grad_norm": float(relative_grad_norm(gn, pn, total.detach()))}
 
 
-def _ranks(h: Tensor, ws: list[Tensor], config: DUFMConfig, rank_rtol: float) -> dict[str, Any]:
+def _ranks(
+    h: Tensor, layers: tuple[list[Tensor], list[Tensor], Tensor], config: DUFMConfig, rank_rtol: float
+) -> dict[str, Any]:
+    """Class-mean ranks and normalized spectra of ``H_1`` and of ``layers = forward(h, ws)``."""
     L = config.num_layers
     labels = labels_from_counts(config.counts)
-    with torch.no_grad():
-        pre, post, out = forward(h, ws)
+    pre, post, out = layers
     stages = [(1, "free", h)]
     for i, z in enumerate(pre):
         stages += [(i + 2, "pre", z), (i + 2, "post", post[i])]
